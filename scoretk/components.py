@@ -1,0 +1,130 @@
+"""The interfaces a plugin implements: one small abstract class per component kind.
+
+The core programs against these and nothing else, so a third-party schedule, net, loss,
+sampler, averager or dataset drops in by name without the core knowing what it is.
+"""
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from typing import Callable, Iterator, Protocol
+
+import torch
+from torch import Tensor, nn
+
+ProgressFn = Callable[[int, int], None]
+"""progress(done, total): called by long loops, e.g. with network evaluations done so far."""
+
+
+class Noise(Protocol):
+    """Source of the random numbers a sampler draws, one row per sample.
+
+    Samplers never touch a global RNG: they ask this object, so the same seed yields the same
+    sample whatever the batch size or number of processes (see `scoretk.rng.PerSampleNoise`).
+    """
+
+    def randn(self, shape: tuple[int, ...]) -> Tensor:
+        """Standard normal numbers of shape (B, *shape)."""
+
+    def rand(self, shape: tuple[int, ...]) -> Tensor:
+        """Uniform [0, 1) numbers of shape (B, *shape)."""
+
+
+class Schedule(ABC):
+    """The noise levels sigma_1 > ... > sigma_L (index 0 is the largest)."""
+
+    sigmas: Tensor  # (L,) float32, strictly descending
+
+    @property
+    def num_levels(self) -> int:
+        return int(self.sigmas.numel())
+
+    def sample_levels(self, batch_size: int, generator: torch.Generator | None = None,
+                      device: torch.device | str = "cpu") -> Tensor:
+        """Level indices for a training batch, one per sample (uniform by default)."""
+        idx = torch.randint(0, self.num_levels, (batch_size,), generator=generator,
+                            device=generator.device if generator is not None else "cpu")
+        return idx.to(device)
+
+
+class ScoreNet(nn.Module):
+    """s(x, sigma): `forward(x, sigma, level)` with sigma (B,) float and level (B,) long.
+
+    Every net receives both: level-conditioned nets (NCSN v1) read `level`, sigma-normalised
+    ones (NCSNv2) read `sigma`, and losses and samplers never need to know which.
+    """
+
+    def forward(self, x: Tensor, sigma: Tensor, level: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class Loss(ABC):
+    """Turns a data batch into the scalar to minimise, plus per-level numbers for logging."""
+
+    @abstractmethod
+    def __call__(self, net: nn.Module, x: Tensor, schedule: Schedule,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Returns (loss, stats); stats holds tensors, e.g. per-level loss sums and counts."""
+
+
+class Sampler(ABC):
+    """Draws samples from a trained score net."""
+
+    @abstractmethod
+    def evaluations_per_sample(self, schedule: Schedule) -> int:
+        """Network evaluations one sample costs (the budget the summary reports)."""
+
+    @abstractmethod
+    def sample(self, net: nn.Module, schedule: Schedule, shape: tuple[int, ...], noise: Noise,
+               *, device: torch.device | str = "cpu", init: Tensor | None = None,
+               progress: ProgressFn | None = None) -> Tensor:
+        """Returns a (B, *shape) tensor; B is set by `noise`. `init` is data for data+noise starts."""
+
+    def settings(self, schedule: Schedule) -> dict:
+        """Resolved settings recorded as provenance next to the samples."""
+        return {}
+
+
+class Averager(ABC):
+    """Keeps averaged copies of a model's parameters (EMA, ...)."""
+
+    @abstractmethod
+    def update(self, model: nn.Module) -> None:
+        """Called after every optimiser step."""
+
+    @abstractmethod
+    def state_dict(self) -> dict: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None: ...
+
+    @abstractmethod
+    @contextlib.contextmanager
+    def averaged(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Temporarily put the averaged weights into `model` (no second copy of the model)."""
+
+
+class Dataset(ABC):
+    """A finite source of training data in the [0, 1] convention.
+
+    Images are float tensors (C, H, W) in [0, 1]; vector data are (D,) float tensors.
+    """
+
+    @property
+    @abstractmethod
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one item, e.g. (3, 32, 32) or (2,)."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __getitem__(self, index: int) -> Tensor: ...
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.shape) == 3
+
+    def batch(self, indices: Tensor) -> Tensor:
+        """Items stacked; in-memory datasets override this with one indexing operation."""
+        return torch.stack([self[int(i)] for i in indices])

@@ -1,0 +1,145 @@
+"""Checkpoints and run directories that survive crashes.
+
+Every file is written to a temporary name in the same directory, fsynced, then renamed over
+the target: a crash or Ctrl-C leaves either the old complete file or the new complete one.
+`latest` is a one-line text file naming the newest complete checkpoint, updated the same way
+after the checkpoint itself is in place. Loading is weights-only: a checkpoint cannot run code.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+CHECKPOINT_FORMAT = "scoretk-checkpoint-1"
+RUNS_ROOT = Path("runs")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, corrupt, unsafe or not scoretk's."""
+
+
+def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write through `write(fileobj)` to a temp file, fsync, rename over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    state = {"format": CHECKPOINT_FORMAT, **state}
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load with weights_only=True; every failure becomes one CheckpointError line."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory; pass a checkpoint file or use --run")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"{path}: refused: the file holds Python objects that "
+                              f"weights-only loading does not allow ({first[:160]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated: "
+                              f"{type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a scoretk checkpoint (no '{CHECKPOINT_FORMAT}' "
+                              "format marker)")
+    return state
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class RunDir:
+    """runs/<name>/: recipe.yaml, checkpoints/ckpt-<step>.pt, latest, metrics.jsonl, samples/."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.samples = self.path / "samples"
+        self.metrics = self.path / "metrics.jsonl"
+        self.recipe = self.path / "recipe.yaml"
+        self.latest_pointer = self.path / "latest"
+
+    def create(self) -> "RunDir":
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.samples.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None. Falls back to scanning if the pointer is
+        missing (e.g. a crash between the checkpoint rename and the pointer rename)."""
+        if self.latest_pointer.exists():
+            target = self.checkpoints / self.latest_pointer.read_text().strip()
+            if target.is_file():
+                return target
+        found = sorted(self.checkpoints.glob("ckpt-*.pt"), key=_step_of)
+        return found[-1] if found else None
+
+    def save(self, state: dict[str, Any], step: int, keep: int) -> Path:
+        path = self.checkpoints / f"ckpt-{step:08d}.pt"
+        save_checkpoint(state, path)
+        atomic_write_text(self.latest_pointer, path.name + "\n")
+        for old in sorted(self.checkpoints.glob("ckpt-*.pt"), key=_step_of)[:-keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.stem.split("-")[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def most_recent_run(root: str | Path = RUNS_ROOT) -> RunDir | None:
+    """The run under `root` whose latest checkpoint was written last."""
+    root = Path(root)
+    best: tuple[float, RunDir] | None = None
+    if root.is_dir():
+        for sub in root.iterdir():
+            run = RunDir(sub)
+            ckpt = run.latest() if sub.is_dir() else None
+            if ckpt is not None:
+                mtime = ckpt.stat().st_mtime
+                if best is None or mtime > best[0]:
+                    best = (mtime, run)
+    return best[1] if best else None

@@ -1,0 +1,202 @@
+"""The `scoretk` command line.
+
+Heavy modules (torch, the plugins) are imported inside commands, so `scoretk --help` and
+`--version` start instantly. Expected failures print one line and exit with status 2;
+`--debug` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from scoretk import __version__
+
+USAGE_ERROR = 2
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from scoretk.assemble import ComponentError
+    from scoretk.checkpoint import CheckpointError
+    from scoretk.data import DataError
+    from scoretk.recipe import RecipeError
+    from scoretk.registry import RegistryError
+    from scoretk.store import StoreError
+
+    return (RecipeError, RegistryError, CheckpointError, DataError, ComponentError, StoreError,
+            FileExistsError, FileNotFoundError)
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the toolkit's expected errors into `error: <one line>` and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except click.exceptions.Exit:
+            raise
+        except Exception as exc:
+            if _debug() or not isinstance(exc, _expected_errors()):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(USAGE_ERROR)
+
+    return wrapper
+
+
+def _debug() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().obj and ctx.find_root().obj.get("debug"))
+
+
+def _registry():
+    from scoretk.plugins import default_plugins
+
+    plugins = default_plugins()
+    for info in plugins.errors:
+        click.echo(f"warning: plugin {info.name!r} ({info.distribution}) {info.error}", err=True)
+    return plugins.registry
+
+
+def _load(recipe_path: str, overrides: tuple[str, ...]):
+    from scoretk.recipe import load_recipe
+
+    return load_recipe(recipe_path, _registry(), overrides)
+
+
+override_option = click.option(
+    "-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override a recipe field, e.g. -o train.iterations=100 (value parsed as YAML).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="scoretk")
+@click.option("-v", "--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """scoretk: score-based generative modelling from declarative recipes."""
+    ctx.obj = {"debug": debug}
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@override_option
+@click.option("--restart", is_flag=True, help="Start over even if the run has checkpoints.")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Default: runs/<recipe name>.")
+@friendly_errors
+def train(recipe: str, overrides: tuple[str, ...], restart: bool, run_dir: str | None) -> None:
+    """Train the recipe; resumes its run directory's latest checkpoint unless --restart."""
+    from scoretk.train import train as run_training
+
+    run_training(_load(recipe, overrides), _registry(), run_dir=run_dir, restart=restart)
+
+
+@main.command()
+@click.option("--run", "run_dir", type=click.Path(), help="Run directory (its latest checkpoint).")
+@click.option("--checkpoint", type=click.Path(), help="A checkpoint file.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="HDF5 file to write.")
+@click.option("-n", "--num-samples", type=int, help="Default: the recipe's sample.num_samples.")
+@click.option("--batch-size", type=int, help="Default: the recipe's sample.batch_size.")
+@click.option("--seed", type=int, help="Default: the recipe's sample.seed.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted file.")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@click.option("--raw-weights", is_flag=True, help="Use the raw, not the averaged, weights.")
+@click.option("--keep-float", is_flag=True, help="Also store the float samples.")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@click.option("--grid", type=click.Path(dir_okay=False), help="Also write a PNG grid.")
+@override_option
+@friendly_errors
+def sample(**kwargs: Any) -> None:
+    """Generate samples into an HDF5 file, batch by batch (resumable)."""
+    from scoretk.sample import run_sampling
+
+    run_sampling(registry=_registry(), **kwargs)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--grid", type=click.Path(dir_okay=False), help="Write a PNG grid of samples.")
+@click.option("-k", "count", default=64, show_default=True, help="Samples in the grid.")
+@friendly_errors
+def inspect(file: str, grid: str | None, count: int) -> None:
+    """Show what an HDF5 sample file holds."""
+    from scoretk.store import describe, write_grid_from_file
+
+    click.echo(describe(file))
+    if grid:
+        write_grid_from_file(file, grid, count)
+        click.echo(f"grid: {grid}")
+
+
+@main.command()
+@friendly_errors
+def plugins() -> None:
+    """List plugins, their components and load errors."""
+    from scoretk.plugins import default_plugins
+
+    loaded = default_plugins()
+    for info in loaded.plugins:
+        status = "ok" if info.ok else "ERROR"
+        click.echo(f"{info.name} ({info.distribution} {info.version}) [{status}]")
+        if info.error:
+            click.echo(f"    {info.error}")
+        for comp in info.components:
+            click.echo(f"    {comp.kind:9s} {comp.name:22s} {comp.description}")
+    if loaded.errors:
+        click.echo(f"{len(loaded.errors)} plugin(s) failed to load; the others work.")
+
+
+@main.group()
+def recipe() -> None:
+    """Validate and inspect recipes."""
+
+
+@recipe.command("validate")
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+@override_option
+@friendly_errors
+def recipe_validate(recipe_path: str, overrides: tuple[str, ...]) -> None:
+    """Check a recipe against the registered components."""
+    loaded = _load(recipe_path, overrides)
+    click.echo(f"{recipe_path}: ok (recipe {loaded.name!r})")
+
+
+@recipe.command("show")
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+@override_option
+@friendly_errors
+def recipe_show(recipe_path: str, overrides: tuple[str, ...]) -> None:
+    """Print the resolved recipe, then its size: parameters, levels, evaluations."""
+    from scoretk.summary import summarise
+
+    loaded = _load(recipe_path, overrides)
+    click.echo(loaded.to_yaml().rstrip())
+    click.echo("---")
+    for key, value in summarise(loaded, _registry()).items():
+        click.echo(f"# {key}: {value}")
+
+
+@main.command()
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+@override_option
+@click.option("--write", "write_to", type=click.Path(dir_okay=False),
+              help="Write a copy of the recipe with the planned values filled in.")
+@friendly_errors
+def plan(recipe_path: str, overrides: tuple[str, ...], write_to: str | None) -> None:
+    """Choose sigma_max, the number of levels and eps from the data (NCSNv2 techniques)."""
+    from scoretk.summary import plan_recipe
+
+    planned, lines = plan_recipe(_load(recipe_path, overrides), _registry())
+    for line in lines:
+        click.echo(line)
+    if write_to:
+        Path(write_to).write_text(planned.to_yaml())
+        click.echo(f"wrote {write_to}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

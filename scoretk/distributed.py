@@ -1,0 +1,56 @@
+"""torchrun support: the same command trains or samples on N processes.
+
+torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; we then join a process group (gloo on CPU, nccl on
+CUDA). In a plain process everything here is a no-op, so the loops never branch on it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            tdist.barrier()
+
+    def max_int(self, value: int) -> int:
+        """The largest `value` over all ranks (agreeing on stop/NaN decisions)."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.long, device=self._device())
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return int(t.item())
+
+    def _device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if tdist.get_backend() == "nccl" \
+            else torch.device("cpu")
+
+    def shutdown(self) -> None:
+        if self.world > 1 and tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+def setup_distributed() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not tdist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        tdist.init_process_group(backend)
+    return Dist(rank, world, local)

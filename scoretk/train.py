@@ -1,0 +1,362 @@
+"""The training loop: data -> loss -> optimiser -> averager -> checkpoint.
+
+Every random number a step uses comes from a generator seeded by (seed, step, rank) and the
+batch order is a pure function of (seed, step), so a resumed run replays the uninterrupted one
+exactly. Checkpoints are atomic; a non-finite loss or gradient stops the run before anything
+bad is written; SIGINT/SIGTERM finish the step, write a checkpoint and exit.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import scoretk
+from scoretk import assemble
+from scoretk.checkpoint import RunDir, atomic_write_text, load_checkpoint
+from scoretk.components import Dataset
+from scoretk.data import augment
+from scoretk.distributed import Dist, setup_distributed
+from scoretk.recipe import COMPONENT_SECTIONS, Recipe, RecipeError
+from scoretk.registry import Registry
+from scoretk.rng import PerSampleNoise, derive_seed, generator
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is intact."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was written."""
+
+
+def pick_device(name: str, dist: Dist) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else (
+            "mps" if torch.backends.mps.is_available() else "cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RecipeError("recipe", "train.device", "cuda requested but no CUDA device")
+        return torch.device("cuda", dist.local_rank)
+    return torch.device(name)
+
+
+class StepBatches:
+    """Batch indices as a pure function of the step: epoch permutations seeded by (seed, epoch).
+
+    With W processes, the global batch is split into W equal slices, one per rank.
+    """
+
+    def __init__(self, size: int, global_batch: int, seed: int, rank: int = 0, world: int = 1):
+        if global_batch % world:
+            raise RecipeError("recipe", "train.batch_size",
+                              f"{global_batch} is not divisible by the {world} processes")
+        if size < global_batch:
+            raise RecipeError("recipe", "train.batch_size",
+                              f"{global_batch} is larger than the dataset ({size} items)")
+        self.size, self.batch, self.seed = size, global_batch, seed
+        self.local = global_batch // world
+        self.rank = rank
+        self.steps_per_epoch = size // global_batch
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def __call__(self, step: int) -> torch.Tensor:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._perm = torch.randperm(self.size, generator=generator(
+                derive_seed(self.seed, "epoch", epoch)))
+            self._epoch = epoch
+        start = k * self.batch + self.rank * self.local
+        return self._perm[start:start + self.local]
+
+
+class _StepDataset(torch.utils.data.Dataset):
+    """Lets a DataLoader's workers fetch whole batches (index lists) of a scoretk Dataset."""
+
+    def __init__(self, data: Dataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index):
+        return self.data[index]
+
+
+def _batches(data: Dataset, order: StepBatches, start: int, end: int,
+             workers: int) -> Iterator[torch.Tensor]:
+    if workers == 0:
+        for step in range(start, end):
+            yield data.batch(order(step))
+        return
+    sampler = [order(step).tolist() for step in range(start, end)]
+    loader = torch.utils.data.DataLoader(_StepDataset(data), batch_sampler=sampler,
+                                         num_workers=workers, pin_memory=torch.cuda.is_available())
+    yield from loader
+
+
+@contextmanager
+def _stop_requests() -> Iterator[dict]:
+    """SIGINT/SIGTERM set a flag the loop checks after each step, instead of killing it mid-write."""
+    flag = {"signal": None}
+    handlers = {}
+
+    def handle(signum, _frame):
+        if flag["signal"] is not None:  # second Ctrl-C: the user means it
+            raise KeyboardInterrupt
+        flag["signal"] = signum
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            handlers[sig] = signal.signal(sig, handle)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield flag
+    finally:
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
+
+
+def _model_sections(recipe_dump: dict) -> dict:
+    return {s: recipe_dump[s] for s in ("data", "schedule", "net", "loss", "averager")}
+
+
+def prepare_run(recipe: Recipe, run: RunDir, restart: bool) -> dict | None:
+    """Checkpoint state to resume from, or None; --restart clears the old checkpoints."""
+    if restart:
+        for path in (run.checkpoints, run.samples):
+            shutil.rmtree(path, ignore_errors=True)
+        for path in (run.metrics, run.latest_pointer):
+            path.unlink(missing_ok=True)
+        return None
+    latest = run.latest()
+    return load_checkpoint(latest) if latest is not None else None
+
+
+def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
+          restart: bool = False) -> Path:
+    """Train `recipe`; returns the path of the final checkpoint."""
+    cfg = recipe.train
+    dist = setup_distributed()
+    device = pick_device(cfg.device, dist)
+    run = RunDir(run_dir or cfg.run_dir or Path("runs") / recipe.name)
+    data = assemble.build_data(recipe, registry)
+    state = None
+    if dist.is_main:
+        run.create()
+        state = prepare_run(recipe, run, restart)
+    dist.barrier()
+    if not dist.is_main and not restart:
+        latest = run.latest()
+        state = load_checkpoint(latest) if latest is not None else None
+
+    if state is not None:
+        stored = Recipe.from_dict(state["recipe"], registry, source=f"{run.latest()}")
+        resolved = assemble.resolve(recipe, data) if assemble.needs_data(recipe) else recipe
+        if _model_sections(stored.dump()) != _model_sections(resolved.dump()):
+            raise RecipeError(str(run.path), None, "the recipe's data/schedule/net/loss/averager "
+                              "differ from the checkpoint's; use --restart to start over or "
+                              "--run-dir for a new run")
+        resolved = stored.model_copy(update={s: getattr(recipe, s) for s in
+                                             ("optim", "train", "sample", "sampler")})
+    else:
+        resolved = assemble.resolve(recipe, data)
+
+    model = assemble.build_model(resolved, registry, data.shape)
+    net = model.net.to(device)
+    if cfg.channels_last and len(data.shape) == 3:
+        net = net.to(memory_format=torch.channels_last)
+    optimiser = torch.optim.Adam(net.parameters(), lr=resolved.optim.lr, betas=resolved.optim.betas,
+                                 eps=resolved.optim.eps, weight_decay=resolved.optim.weight_decay)
+    averager = assemble.build_averager(resolved, registry, net)
+    loss_fn = assemble.build_loss(resolved, registry)
+    schedule = model.schedule
+    schedule.sigmas = schedule.sigmas.to(device)
+    step = 0
+    if state is not None:
+        net.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimizer"])
+        averager.load_state_dict(state["averager"])
+        step = int(state["step"])
+    if dist.is_main:
+        atomic_write_text(run.recipe, resolved.to_yaml())
+
+    train_net: nn.Module = net
+    if dist.world > 1:
+        train_net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_net = torch.compile(train_net)
+    bf16 = cfg.bf16 and device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else nullcontext
+
+    def checkpoint(at_step: int) -> Path:
+        return run.save({
+            "model": net.state_dict(), "optimizer": optimiser.state_dict(),
+            "averager": averager.state_dict(), "step": at_step, "recipe": resolved.dump(),
+            "shape": list(data.shape), "rng": {"torch": torch.get_rng_state()},
+            "scoretk_version": scoretk.__version__, "torch_version": torch.__version__,
+        }, at_step, cfg.keep_checkpoints)
+
+    order = StepBatches(len(data), cfg.batch_size, cfg.seed, dist.rank, dist.world)
+    num_levels = schedule.num_levels
+    window = _Window(num_levels, device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    last_ckpt = run.latest()
+    params = [p for p in net.parameters() if p.requires_grad]
+    clip = resolved.optim.grad_clip or math.inf
+    if dist.is_main:
+        print(f"scoretk train: {recipe.name} | run {run.path} | device {device} | "
+              f"{assemble.count_parameters(net):,} parameters | {num_levels} levels | "
+              f"{len(data)} items {tuple(data.shape)}"
+              + (f" | resuming at step {step}" if step else ""), file=sys.stderr)
+    bar = tqdm(total=cfg.iterations, initial=step, disable=not dist.is_main, unit="step",
+               dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+    writer = _tensorboard(run) if dist.is_main else None
+
+    with _stop_requests() as stop:
+        for x in _batches(data, order, step, cfg.iterations, cfg.num_workers):
+            g = generator(derive_seed(cfg.seed, "step", step, dist.rank), device)
+            x = augment(x.to(device, non_blocking=True), resolved.data.params, g)
+            if cfg.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                loss, stats = loss_fn(train_net, x, schedule, g)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(params, clip)
+            finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+            first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, step + 1),
+                                    first_bad)
+            optimiser.step()
+            averager.update(net)
+            step += 1
+            window.add(loss.detach(), grad_norm.detach(), stats, x.shape[0] * dist.world)
+            bar.update(1)
+
+            boundary = step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 \
+                or step == cfg.iterations or stop["signal"] is not None or dist.world > 1
+            if boundary:
+                bad = int(first_bad.item())
+                if dist.world > 1:
+                    bad = dist.max_int(bad)
+                if bad >= 0:
+                    bar.close()
+                    raise TrainingError(
+                        f"non-finite loss or gradient at step {bad}; stopped. The last good "
+                        f"checkpoint is {last_ckpt or '(none yet)'}; lower optim.lr or set "
+                        "optim.grad_clip")
+            if step % cfg.log_every == 0 or step == cfg.iterations:
+                record = window.flush(step)
+                bar.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{record['items_per_s']:.0f}")
+                if dist.is_main:
+                    _log(run, record, writer)
+            if dist.is_main and cfg.sample_every and step % cfg.sample_every == 0:
+                _sample_grid(model, net, averager, run, step, cfg, device)
+            stopping = stop["signal"] is not None
+            if dist.world > 1:
+                stopping = bool(dist.max_int(int(stopping)))
+            if step % cfg.checkpoint_every == 0 or step == cfg.iterations or stopping:
+                if dist.is_main:
+                    last_ckpt = checkpoint(step)
+                dist.barrier()
+            if stopping:
+                bar.close()
+                raise Interrupted(f"interrupted at step {step}; checkpoint {last_ckpt} written; "
+                                  "run the same command again to resume")
+    bar.close()
+    if dist.is_main and (last_ckpt is None or _ckpt_step(last_ckpt) < step):
+        last_ckpt = checkpoint(step)
+    if writer is not None:
+        writer.close()
+    if dist.is_main:
+        print(f"done: {step} steps; checkpoint {last_ckpt}", file=sys.stderr)
+    dist.shutdown()
+    return Path(last_ckpt) if last_ckpt is not None else run.latest()
+
+
+def _ckpt_step(path: Path) -> int:
+    return int(Path(path).stem.split("-")[1])
+
+
+class _Window:
+    """Running sums over a logging window, kept on the device: no per-step host sync."""
+
+    def __init__(self, num_levels: int, device: torch.device):
+        self.num_levels, self.device = num_levels, device
+        self.reset()
+
+    def reset(self) -> None:
+        zeros = lambda *s: torch.zeros(*s, device=self.device, dtype=torch.float64)  # noqa: E731
+        self.loss, self.grad, self.n = zeros(()), zeros(()), 0
+        self.level_sum, self.level_count = zeros(self.num_levels), zeros(self.num_levels)
+        self.items, self.t0 = 0, time.perf_counter()
+
+    def add(self, loss, grad_norm, stats: dict, items: int) -> None:
+        self.loss += loss.double()
+        self.grad += grad_norm.double()
+        self.n += 1
+        self.items += items
+        if "level_loss_sum" in stats:
+            self.level_sum += stats["level_loss_sum"].detach().double()
+            self.level_count += stats["level_count"].detach().double()
+
+    def flush(self, step: int) -> dict:
+        elapsed = time.perf_counter() - self.t0
+        per_level = (self.level_sum / self.level_count.clamp(min=1)).cpu()
+        counts = self.level_count.cpu()
+        # Four bands of levels, largest sigmas first: a compact view of where the loss sits.
+        bands = {}
+        for i, chunk in enumerate(torch.arange(self.num_levels).chunk(4)):
+            seen = counts[chunk] > 0
+            if seen.any():
+                bands[f"levels_{int(chunk[0])}-{int(chunk[-1])}"] = float(per_level[chunk][seen].mean())
+        record = {"step": step, "loss": float(self.loss / max(self.n, 1)),
+                  "grad_norm": float(self.grad / max(self.n, 1)),
+                  "items_per_s": self.items / max(elapsed, 1e-9), "level_loss": bands,
+                  "time": time.time()}
+        self.reset()
+        return record
+
+
+def _log(run: RunDir, record: dict, writer) -> None:
+    with open(run.metrics, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for key in ("loss", "grad_norm", "items_per_s"):
+            writer.add_scalar(f"train/{key}", record[key], record["step"])
+
+
+def _tensorboard(run: RunDir):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(run.path / "tensorboard"))
+
+
+def _sample_grid(model: assemble.Model, net: nn.Module, averager, run: RunDir, step: int,
+                 cfg, device: torch.device) -> None:
+    """A PNG of samples with the averaged weights; the same noise every time, for comparison."""
+    if len(model.shape) != 3:
+        return
+    from scoretk.images import save_grid
+
+    was_training = net.training
+    net.eval()
+    with averager.averaged(net):
+        noise = PerSampleNoise(derive_seed(cfg.seed, "grid"), range(cfg.grid_size), device)
+        x = model.sampler.sample(net, model.schedule, model.shape, noise, device=device)
+    net.train(was_training)
+    save_grid(x.float().cpu(), run.samples / f"step-{step:08d}.png")

@@ -159,7 +159,8 @@ def _validate_component(block: Any, section: str, kind: str, registry: Registry,
 
 
 def _from_validation(exc: ValidationError, source: str, prefix: str = "") -> RecipeError:
-    err = exc.errors()[0]
+    # An unknown key first: a typo ('trian') also makes the real field look missing.
+    err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
     loc = ".".join(str(p) for p in err["loc"])
     field = ".".join(p for p in (prefix, loc) if p) or None
     msg = err["msg"]

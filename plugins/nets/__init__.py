@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from scoretk import hookimpl
 
+from .convnet import ConvNetParams, ConvScoreNet, build_convnet
 from .mlp import MLPParams, ScoreMLP, build_mlp
 from .refinenet import (NCSNParams, RefineNet, build_ncsn, build_ncsnv2, build_ncsnv2_deeper,
                         build_ncsnv2_deepest)
 
-__all__ = ["MLPParams", "NCSNParams", "RefineNet", "ScoreMLP", "build_mlp", "build_ncsn",
+__all__ = ["ConvNetParams", "ConvScoreNet", "build_convnet", "MLPParams", "NCSNParams", "RefineNet", "ScoreMLP", "build_mlp", "build_ncsn",
            "build_ncsnv2", "build_ncsnv2_deeper", "build_ncsnv2_deepest", "scoretk_register"]
 
 
@@ -25,4 +26,6 @@ def scoretk_register(registry) -> None:
         "NCSNv2Deeper RefineNet (96-128 px); output divided by sigma")
     add("net", "ncsnv2_deepest", build_ncsnv2_deepest, NCSNParams,
         "NCSNv2Deepest RefineNet (256 px); output divided by sigma")
+    add("net", "convnet", build_convnet, ConvNetParams,
+        "small full-resolution residual conv net for tiny images (quick start); divided by sigma")
     add("net", "mlp", build_mlp, MLPParams, "sigma-normalised MLP for vector data (2-D toys)")

@@ -1,0 +1,3 @@
+from scoretk.cli import main
+
+main()

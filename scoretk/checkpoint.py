@@ -31,6 +31,9 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide results from other users
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

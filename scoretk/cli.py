@@ -90,9 +90,18 @@ def main(ctx: click.Context, debug: bool) -> None:
 @friendly_errors
 def train(recipe: str, overrides: tuple[str, ...], restart: bool, run_dir: str | None) -> None:
     """Train the recipe; resumes its run directory's latest checkpoint unless --restart."""
-    from scoretk.train import train as run_training
+    from scoretk.train import Interrupted, TrainingError, train as run_training
 
-    run_training(_load(recipe, overrides), _registry(), run_dir=run_dir, restart=restart)
+    try:
+        run_training(_load(recipe, overrides), _registry(), run_dir=run_dir, restart=restart)
+    except Interrupted as exc:
+        click.echo(f"\n{exc}", err=True)
+        sys.exit(130)
+    except TrainingError as exc:
+        if _debug():
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
 
 
 @main.command()

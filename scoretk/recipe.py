@@ -61,6 +61,8 @@ class TrainConfig(_Strict):
     sample_every: int = Field(0, ge=0, description="sample grid every N steps; 0: never")
     grid_size: int = Field(64, gt=0)
     num_workers: int = Field(0, ge=0)
+    time_limit_minutes: float | None = Field(
+        None, gt=0, description="checkpoint and stop after this long; rerun to resume")
     bf16: bool = Field(False, description="bf16 autocast (CUDA only)")
     compile: bool = False
     channels_last: bool = False

@@ -154,8 +154,8 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
     data = assemble.build_data(recipe, registry)
     state = None
     if dist.is_main:
-        run.create()
         state = prepare_run(recipe, run, restart)
+        run.create()
     dist.barrier()
     if not dist.is_main and not restart:
         latest = run.latest()
@@ -173,6 +173,7 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
     else:
         resolved = assemble.resolve(recipe, data)
 
+    torch.manual_seed(derive_seed(cfg.seed, "init"))  # same initial weights on every rank and run
     model = assemble.build_model(resolved, registry, data.shape)
     net = model.net.to(device)
     if cfg.channels_last and len(data.shape) == 3:
@@ -206,7 +207,7 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
             "model": net.state_dict(), "optimizer": optimiser.state_dict(),
             "averager": averager.state_dict(), "step": at_step, "recipe": resolved.dump(),
             "shape": list(data.shape), "rng": {"torch": torch.get_rng_state()},
-            "scoretk_version": scoretk.__version__, "torch_version": torch.__version__,
+            "scoretk_version": scoretk.__version__, "torch_version": str(torch.__version__),
         }, at_step, cfg.keep_checkpoints)
 
     order = StepBatches(len(data), cfg.batch_size, cfg.seed, dist.rank, dist.world)
@@ -224,6 +225,7 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
     bar = tqdm(total=cfg.iterations, initial=step, disable=not dist.is_main, unit="step",
                dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
     writer = _tensorboard(run) if dist.is_main else None
+    deadline = time.monotonic() + 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
 
     with _stop_requests() as stop:
         for x in _batches(data, order, step, cfg.iterations, cfg.num_workers):
@@ -245,12 +247,16 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
             window.add(loss.detach(), grad_norm.detach(), stats, x.shape[0] * dist.world)
             bar.update(1)
 
-            boundary = step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 \
-                or step == cfg.iterations or stop["signal"] is not None or dist.world > 1
-            if boundary:
-                bad = int(first_bad.item())
-                if dist.world > 1:
-                    bad = dist.max_int(bad)
+            stopping = stop["signal"] is not None
+            out_of_time = deadline is not None and time.monotonic() > deadline
+            if dist.world > 1:  # every rank must take the same decision at the same step
+                stopping = bool(dist.max_int(int(stopping)))
+                out_of_time = bool(dist.max_int(int(out_of_time)))
+            saving = step % cfg.checkpoint_every == 0 or step == cfg.iterations or stopping \
+                or out_of_time
+            if saving or step % cfg.log_every == 0 or dist.world > 1:
+                # The only host sync: before anything is logged or saved, never per step.
+                bad = dist.max_int(int(first_bad.item()))
                 if bad >= 0:
                     bar.close()
                     raise TrainingError(
@@ -264,10 +270,7 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
                     _log(run, record, writer)
             if dist.is_main and cfg.sample_every and step % cfg.sample_every == 0:
                 _sample_grid(model, net, averager, run, step, cfg, device)
-            stopping = stop["signal"] is not None
-            if dist.world > 1:
-                stopping = bool(dist.max_int(int(stopping)))
-            if step % cfg.checkpoint_every == 0 or step == cfg.iterations or stopping:
+            if saving:
                 if dist.is_main:
                     last_ckpt = checkpoint(step)
                 dist.barrier()
@@ -275,6 +278,11 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
                 bar.close()
                 raise Interrupted(f"interrupted at step {step}; checkpoint {last_ckpt} written; "
                                   "run the same command again to resume")
+            if out_of_time:
+                if dist.is_main:
+                    print(f"\ntime limit of {cfg.time_limit_minutes} min reached at step {step}; "
+                          "run the same command again to continue", file=sys.stderr)
+                break
     bar.close()
     if dist.is_main and (last_ckpt is None or _ckpt_step(last_ckpt) < step):
         last_ckpt = checkpoint(step)

@@ -1,0 +1,209 @@
+"""The training engine: exact resume, crash-safe checkpoints, NaN stop, signals, torchrun."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+import torch
+import yaml
+
+from scoretk import checkpoint as ckpt_mod
+from scoretk import hookimpl
+from scoretk.checkpoint import RunDir, load_checkpoint
+from scoretk.plugins import default_registry, load_plugins
+from scoretk.recipe import Recipe
+from scoretk.registry import Params
+from scoretk.train import StepBatches, TrainingError, train
+
+from conftest import run_cli
+
+
+def _recipe(raw: dict, registry=None) -> Recipe:
+    return Recipe.from_dict(raw, registry or default_registry())
+
+
+def _tensors(state) -> list[torch.Tensor]:
+    """All tensors of a (nested) state dict, in a fixed order."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for k in sorted(state, key=str) for t in _tensors(state[k])]
+    if isinstance(state, (list, tuple)):
+        return [t for v in state for t in _tensors(v)]
+    return []
+
+
+def _assert_identical(a, b):
+    ta, tb = _tensors(a), _tensors(b)
+    assert len(ta) == len(tb) and ta
+    for x, y in zip(ta, tb):
+        assert torch.equal(x, y)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, toy_recipe):
+    toy_recipe["data"]["n"] = 500
+    toy_recipe["train"].update(iterations=20, checkpoint_every=5, batch_size=32)
+    straight = load_checkpoint(train(_recipe(toy_recipe), default_registry(), tmp_path / "a"))
+
+    half = {**toy_recipe, "train": {**toy_recipe["train"], "iterations": 10}}
+    train(_recipe(half), default_registry(), tmp_path / "b")
+    assert load_checkpoint(RunDir(tmp_path / "b").latest())["step"] == 10
+    resumed = load_checkpoint(train(_recipe(toy_recipe), default_registry(), tmp_path / "b"))
+
+    assert straight["step"] == resumed["step"] == 20
+    for key in ("model", "optimizer", "averager"):
+        _assert_identical(straight[key], resumed[key])
+    # and the run actually moved: weights after 20 steps differ from after 10
+    ten = load_checkpoint(tmp_path / "b" / "checkpoints" / "ckpt-00000010.pt")
+    assert not torch.equal(_tensors(ten["model"])[0], _tensors(resumed["model"])[0])
+
+
+def test_changed_model_recipe_refuses_to_resume(tmp_path, toy_recipe):
+    toy_recipe["train"].update(iterations=2, checkpoint_every=1)
+    train(_recipe(toy_recipe), default_registry(), tmp_path)
+    toy_recipe["net"]["hidden"] = 16
+    from scoretk.recipe import RecipeError
+    with pytest.raises(RecipeError, match="--restart"):
+        train(_recipe(toy_recipe), default_registry(), tmp_path)
+    train(_recipe(toy_recipe), default_registry(), tmp_path, restart=True)  # and --restart works
+
+
+def test_keeps_last_k_and_latest_points_at_newest(tmp_path, toy_recipe):
+    toy_recipe["train"].update(iterations=12, checkpoint_every=2, keep_checkpoints=2)
+    final = train(_recipe(toy_recipe), default_registry(), tmp_path)
+    run = RunDir(tmp_path)
+    assert sorted(p.name for p in run.checkpoints.glob("ckpt-*.pt")) == \
+        ["ckpt-00000010.pt", "ckpt-00000012.pt"]
+    assert run.latest() == final
+    assert (tmp_path / "recipe.yaml").exists()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    import json
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == [5, 10, 12]
+    assert all(r["items_per_s"] > 0 and "level_loss" in r and r["grad_norm"] > 0 for r in records)
+
+
+def test_interrupted_checkpoint_write_leaves_previous_loadable(tmp_path, toy_recipe, monkeypatch):
+    toy_recipe["train"].update(iterations=4, checkpoint_every=2)
+    train(_recipe(toy_recipe), default_registry(), tmp_path)
+    run = RunDir(tmp_path)
+    good = run.latest()
+    before = good.read_bytes()
+
+    real_save = torch.save
+
+    def crash_midway(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        f.truncate(f.tell() // 2)  # half the bytes are on disk ...
+        raise KeyboardInterrupt  # ... when the process is interrupted
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        run.save({"model": {}}, 6, keep=3)
+    monkeypatch.undo()
+    assert run.latest() == good and good.read_bytes() == before
+    assert load_checkpoint(good)["step"] == 4
+    assert not list(run.checkpoints.glob("*.tmp")) and not (run.checkpoints / "ckpt-00000006.pt").exists()
+
+
+def test_latest_survives_a_lost_pointer(tmp_path, toy_recipe):
+    toy_recipe["train"].update(iterations=4, checkpoint_every=2)
+    train(_recipe(toy_recipe), default_registry(), tmp_path)
+    run = RunDir(tmp_path)
+    run.latest_pointer.unlink()  # crash between checkpoint rename and pointer rename
+    assert run.latest().name == "ckpt-00000004.pt"
+
+
+def _nan_plugin(after: int) -> types.ModuleType:
+    mod = types.ModuleType("nan_loss_plugin")
+
+    class NaNAfter:
+        def __init__(self, params):
+            self.calls = 0
+
+        def __call__(self, net, x, schedule, generator=None):
+            self.calls += 1
+            out = net(x, schedule.sigmas[:1].expand(x.shape[0]),
+                      torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
+            loss = out.square().mean()
+            return (loss * float("nan") if self.calls > after else loss), {}
+
+    @hookimpl
+    def scoretk_register(registry):
+        registry.add("loss", "nan_after_3", NaNAfter, Params, "test loss")
+
+    mod.scoretk_register = scoretk_register
+    return mod
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, toy_recipe):
+    registry = load_plugins(extra=[_nan_plugin(after=3)]).registry
+    toy_recipe["loss"] = {"kind": "nan_after_3"}
+    toy_recipe["train"].update(iterations=10, checkpoint_every=2, log_every=100)
+    with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step 4.*ckpt-00000002"):
+        train(_recipe(toy_recipe, registry), registry, tmp_path)
+    run = RunDir(tmp_path)
+    state = load_checkpoint(run.latest())
+    assert state["step"] == 2
+    assert all(torch.isfinite(t).all() for t in _tensors(state["model"]))
+
+
+def test_step_batches_are_a_function_of_the_step():
+    a, b = StepBatches(100, 32, seed=1), StepBatches(100, 32, seed=1)
+    assert torch.equal(a(7), b(7)) and torch.equal(a(0), b(0))  # order of calls does not matter
+    epoch0 = torch.cat([a(s) for s in range(3)])
+    assert len(set(epoch0.tolist())) == 96  # no repeats inside an epoch
+    r0, r1 = StepBatches(100, 32, 1, rank=0, world=2), StepBatches(100, 32, 1, rank=1, world=2)
+    assert torch.equal(torch.cat([r0(5), r1(5)]), a(5))
+
+
+def test_missing_data_is_one_clear_line(tmp_path):
+    out = run_cli("train", "recipes/ncsnv2_cifar10.yaml", "-o", f"data.root={tmp_path}/nowhere",
+                  "--run-dir", str(tmp_path / "run"))
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "nowhere" in lines[0] and "data.root" in lines[0], out.stderr
+
+
+def test_sigint_writes_a_final_checkpoint(tmp_path, toy_recipe):
+    toy_recipe["train"].update(iterations=100000, checkpoint_every=100000, log_every=5)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(toy_recipe))
+    proc = subprocess.Popen([sys.executable, "-m", "scoretk", "train", str(path), "--run-dir",
+                             str(tmp_path / "run")], stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    state = load_checkpoint(RunDir(tmp_path / "run").latest())
+    assert state["step"] >= 10 and f"interrupted at step {state['step']}" in err
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(tmp_path, toy_recipe):
+    toy_recipe["train"].update(iterations=6, checkpoint_every=3, batch_size=32)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(toy_recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", "-m", "scoretk", "train", str(path),
+                          "--run-dir", str(tmp_path / "run")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    state = load_checkpoint(RunDir(tmp_path / "run").latest())  # loads in a single process
+    assert state["step"] == 6
+    reg = default_registry()
+    recipe = Recipe.from_dict(state["recipe"], reg)
+    from scoretk import assemble
+    net = assemble.build_model(recipe, reg, tuple(state["shape"])).net
+    net.load_state_dict(state["model"])
+    assert out.stderr.count("scoretk train:") == 1  # only rank 0 talks

@@ -1,0 +1,389 @@
+"""`scoretk sample` / `scoretk inspect`: determinism, interruption, torchrun, memory, bad input.
+
+Checkpoints are made here from tiny recipes with untrained (but EMA-updated) weights: what is
+tested is the plumbing, which does not care whether the model is any good.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from scoretk import assemble
+from scoretk.checkpoint import CHECKPOINT_FORMAT, RunDir, save_checkpoint
+from scoretk.cli import main
+from scoretk.plugins import default_registry
+from scoretk.recipe import Recipe
+
+TOY = {"name": "toy", "data": {"kind": "toy2d", "n": 500},
+       "schedule": {"kind": "geometric", "sigma_max": 5.0, "sigma_min": 0.1, "num_levels": 3},
+       "net": {"kind": "mlp", "hidden": 16, "depth": 2}, "loss": {"kind": "dsm"},
+       "sampler": {"kind": "annealed_langevin", "steps_per_level": 2, "eps": 1e-3},
+       "averager": {"kind": "ema", "rate": 0.9}, "train": {"iterations": 1, "device": "cpu"},
+       "sample": {"num_samples": 24, "batch_size": 8, "seed": 3}}
+IMG = {**TOY, "name": "img", "data": {"kind": "digits", "size": 8},
+       "schedule": {"kind": "geometric", "sigma_max": 1.0, "sigma_min": 0.01, "num_levels": 3},
+       "net": {"kind": "convnet", "channels": 8, "blocks": 1},
+       "sampler": {"kind": "annealed_langevin", "steps_per_level": 2, "eps": 5e-5}}
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+"""For subprocesses: this machine is shared, and two OpenMP threads per process mostly wait."""
+
+
+def make_checkpoint(path: Path, raw: dict, shape: tuple[int, ...]) -> Path:
+    """A checkpoint whose averaged weights differ from the raw ones."""
+    registry = default_registry()
+    recipe = Recipe.from_dict(raw, registry)
+    torch.manual_seed(0)
+    net = assemble.build_model(recipe, registry, shape).net
+    averager = assemble.build_averager(recipe, registry, net)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1.5)
+    averager.update(net)
+    save_checkpoint({"model": net.state_dict(), "averager": averager.state_dict(),
+                     "optimizer": {}, "step": 1, "recipe": recipe.dump(), "shape": list(shape),
+                     "rng": {}, "scoretk_version": "0.1.0",
+                     "torch_version": str(torch.__version__)}, path)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process runs: see ONE_THREAD."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("ckpt")
+    return {"toy": make_checkpoint(d / "toy.pt", TOY, (2,)),
+            "img": make_checkpoint(d / "img.pt", IMG, (1, 8, 8))}
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def sample(ckpt: Path, out: Path, *args: str):
+    result = cli("sample", "--checkpoint", ckpt, "--out", out, "--device", "cpu", *args)
+    assert result.exit_code == 0, result.output + result.stderr
+    return result
+
+
+def rows(path: Path, name: str = "samples") -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        return f[name][:]
+
+
+def attrs(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        return dict(f.attrs)
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+# --- determinism ---------------------------------------------------------------------------
+
+def test_batch_size_does_not_change_the_samples(ckpts, tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    sample(ckpts["img"], a, "-n", "40", "--batch-size", "7", "--keep-float")
+    sample(ckpts["img"], b, "-n", "40", "--batch-size", "16", "--keep-float")
+    assert rows(a).shape == (40, 8, 8, 1) and rows(a).dtype == np.uint8
+    np.testing.assert_array_equal(rows(a), rows(b))
+    np.testing.assert_array_equal(rows(a, "samples_float"), rows(b, "samples_float"))
+    assert attrs(a)["batch_size"] == 7 and bool(attrs(a)["complete"])
+
+
+def test_batch_size_toy_vectors(ckpts, tmp_path):
+    """Float32 vectors: bit-equal while every batch has >= 8 rows; CPU GEMM kernels for fewer
+    rows round differently (last-bit differences, not different samples)."""
+    a, b, c = (tmp_path / f"{n}.h5" for n in "abc")
+    sample(ckpts["toy"], a, "-n", "48", "--batch-size", "8")
+    sample(ckpts["toy"], b, "-n", "48", "--batch-size", "24")
+    sample(ckpts["toy"], c, "-n", "48", "--batch-size", "7")
+    assert rows(a).shape == (48, 2) and rows(a).dtype == np.float32
+    np.testing.assert_array_equal(rows(a), rows(b))
+    np.testing.assert_allclose(rows(a), rows(c), rtol=1e-5, atol=1e-5)
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(ckpts, tmp_path, monkeypatch):
+    ref, out = tmp_path / "ref.h5", tmp_path / "out.h5"
+    sample(ckpts["img"], ref, "-n", "40", "--batch-size", "8")
+    import scoretk.sample as sampling
+
+    real, calls = sampling._sample_batch, []
+
+    def interrupt_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "_sample_batch", interrupt_third)
+    result = cli("sample", "--checkpoint", ckpts["img"], "--out", out, "-n", "40",
+                 "--batch-size", "8", "--device", "cpu")
+    assert result.exit_code != 0
+    monkeypatch.setattr(sampling, "_sample_batch", real)
+    a = attrs(out)
+    assert a["num_written"] == 16 and not a["complete"]
+    with h5py.File(out, "a") as f:  # and a batch that died after the resize, before num_written
+        f["samples"].resize(20, axis=0)
+        f["samples"][16:] = 7
+    # resume: checkpoint and settings come from the file; another batch size is fine
+    result = cli("sample", "--out", out, "--resume", "--batch-size", "5", "--device", "cpu")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "24 new" in result.output
+    np.testing.assert_array_equal(rows(out), rows(ref))
+    assert attrs(out)["num_written"] == 40 and attrs(out)["complete"]
+
+
+def test_torchrun_two_processes_write_the_single_process_file(ckpts, tmp_path):
+    ref, out = tmp_path / "ref.h5", tmp_path / "dist.h5"
+    sample(ckpts["img"], ref, "-n", "44", "--batch-size", "8", "--keep-float")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "scoretk", "sample", "--checkpoint", str(ckpts["img"]), "--out", str(out),
+           "-n", "44", "--batch-size", "8", "--keep-float", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("wrote ") == 1  # rank 0 alone reports
+    np.testing.assert_array_equal(rows(out), rows(ref))
+    np.testing.assert_array_equal(rows(out, "samples_float"), rows(ref, "samples_float"))
+    assert attrs(out)["world_size"] == 2 and attrs(out)["num_written"] == 44
+
+
+def test_sigkill_leaves_a_valid_file_that_resumes_exactly(ckpts, tmp_path):
+    ref, out = tmp_path / "ref.h5", tmp_path / "killed.h5"
+    args = ["-n", "3000", "--batch-size", "50", "-o", "sampler.steps_per_level=10"]
+    proc = subprocess.Popen([sys.executable, "-m", "scoretk", "sample", "--checkpoint",
+                             str(ckpts["toy"]), "--out", str(out), "--device", "cpu", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ONE_THREAD)
+    written, deadline = 0, time.monotonic() + 120
+    try:
+        while written == 0 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+            try:
+                with h5py.File(out, "r") as f:
+                    written = int(f.attrs["num_written"])
+            except (OSError, KeyError):
+                pass  # not created yet, or the writer holds it this instant
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
+    with h5py.File(out, "r") as f:
+        n = int(f.attrs["num_written"])
+        assert 0 < n < 3000 and n % 50 == 0 and not f.attrs["complete"]
+        assert f["samples"].shape[0] >= n
+        part = f["samples"][:n]
+    sample(ckpts["toy"], ref, *args)
+    np.testing.assert_array_equal(part, rows(ref)[:n])
+    result = sample(ckpts["toy"], out, "--resume", *args)
+    assert f"{3000 - n} new" in result.output
+    np.testing.assert_array_equal(rows(out), rows(ref))
+    assert attrs(out)["complete"]
+
+
+RSS_SCRIPT = """
+import resource, sys
+from scoretk.cli import main
+main(sys.argv[1:], standalone_mode=False)
+print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_peak_memory_does_not_grow_with_n(tmp_path):
+    """3x32x32 items: keeping 20,000 of them would add 240 MB of floats to a ~0.4 GB process."""
+    raw = {**TOY, "name": "rss", "data": {"kind": "cifar10", "root": "/nonexistent"},
+           "schedule": {"kind": "geometric", "sigma_max": 1.0, "sigma_min": 0.1,
+                        "num_levels": 2},
+           "net": {"kind": "mlp", "hidden": 8, "depth": 1},
+           "sampler": {"kind": "annealed_langevin", "steps_per_level": 1, "eps": 1e-3,
+                       "denoise": False}}
+    ckpt = make_checkpoint(tmp_path / "rss.pt", raw, (3, 32, 32))
+    peak = {}
+    for n in (200, 20_000):
+        out = tmp_path / f"rss{n}.h5"
+        proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT, "sample", "--checkpoint",
+                               str(ckpt), "--out", str(out), "-n", str(n), "--batch-size",
+                               "500", "--device", "cpu"], capture_output=True, text=True,
+                              timeout=600, env=ONE_THREAD)
+        assert proc.returncode == 0, proc.stderr
+        peak[n] = int(proc.stdout.split("MAXRSS_KB")[1].split()[0])
+        assert attrs(out)["num_written"] == n
+    print(f"peak RSS: N=200 {peak[200] / 1024:.0f} MiB, N=20000 {peak[20_000] / 1024:.0f} MiB")
+    assert abs(peak[20_000] - peak[200]) < 0.2 * peak[200], peak
+
+
+# --- options -------------------------------------------------------------------------------
+
+def test_averaged_weights_by_default_raw_on_request(ckpts, tmp_path):
+    a, b = tmp_path / "ema.h5", tmp_path / "raw.h5"
+    sample(ckpts["toy"], a, "-n", "16")
+    sample(ckpts["toy"], b, "-n", "16", "--raw-weights")
+    assert not np.array_equal(rows(a), rows(b))
+    assert bool(attrs(b)["raw_weights"]) and not attrs(a)["raw_weights"]
+
+
+def test_defaults_come_from_the_recipe_and_sampler_overrides_apply(ckpts, tmp_path):
+    out = tmp_path / "o.h5"
+    sample(ckpts["toy"], out, "-o", "sampler.steps_per_level=4", "-o", "sample.seed=11")
+    a = attrs(out)
+    assert a["num_written"] == 24 and a["batch_size"] == 8 and a["seed"] == 11
+    assert '"steps_per_level": 4' in a["sampler_settings"]
+    assert '"evaluations_per_sample": 13' in a["sampler_settings"]
+
+
+def test_data_init_is_deterministic(ckpts, tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    sample(ckpts["img"], a, "-n", "20", "--batch-size", "6", "-o", "sampler.init=data")
+    sample(ckpts["img"], b, "-n", "20", "--batch-size", "20", "-o", "sampler.init=data")
+    np.testing.assert_array_equal(rows(a), rows(b))
+
+
+def test_finds_run_latest_and_most_recent_run(ckpts, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli("sample", "--out", "x.h5", "-n", "8")
+    assert_one_line_error(result, "no checkpoint")
+    for name in ("old", "new"):
+        run = RunDir(tmp_path / "runs" / name).create()
+        run.save(torch.load(ckpts["toy"], weights_only=True), step=5, keep=2)
+        time.sleep(0.05)
+    assert cli("sample", "--out", "a.h5", "-n", "8", "--device", "cpu").exit_code == 0
+    assert attrs(tmp_path / "a.h5")["checkpoint"].endswith("new/checkpoints/ckpt-00000005.pt")
+    assert cli("sample", "--run", "runs/old", "--out", "b.h5", "-n", "8").exit_code == 0
+    assert "old/checkpoints" in attrs(tmp_path / "b.h5")["checkpoint"]
+
+
+def test_existing_file_needs_resume_or_force(ckpts, tmp_path):
+    out = tmp_path / "o.h5"
+    sample(ckpts["toy"], out, "-n", "8")
+    before = out.read_bytes()
+    result = cli("sample", "--checkpoint", ckpts["toy"], "--out", out, "-n", "8")
+    assert_one_line_error(result, "already exists", "--resume", "--force")
+    result = sample(ckpts["toy"], out, "-n", "8", "--resume")  # complete: nothing to do
+    assert "already complete" in result.output and out.read_bytes() == before
+    sample(ckpts["toy"], out, "-n", "16", "--force")
+    assert attrs(out)["num_written"] == 16
+
+
+def test_resume_refuses_different_settings(ckpts, tmp_path):
+    out = tmp_path / "o.h5"
+    sample(ckpts["toy"], out, "-n", "8")
+    with h5py.File(out, "a") as f:
+        f.attrs["complete"] = False
+        f.attrs["num_written"] = 0
+    for args, needle in ((["--seed", "9"], "seed: file 3, now 9"),
+                         (["-o", "sampler.steps_per_level=5"], "steps_per_level"),
+                         (["-n", "9"], "num_samples"),
+                         (["--checkpoint", ckpts["img"]], "checkpoint_sha256")):
+        before = out.read_bytes()
+        result = cli("sample", "--out", out, "--resume", *args)
+        assert_one_line_error(result, "cannot resume", needle)
+        assert out.read_bytes() == before
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+class Evil:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("case", ["missing", "foreign", "corrupt0", "corrupt1", "corrupt2",
+                                  "truncated", "evil", "directory"])
+def test_bad_checkpoints_are_one_line_errors_and_leave_the_output_alone(ckpts, tmp_path, case):
+    out = tmp_path / "keep.h5"
+    sample(ckpts["toy"], out, "-n", "8")
+    before = out.read_bytes()
+    bad, marker = tmp_path / "bad.pt", tmp_path / "PWNED"
+    needle = {"missing": "not found", "foreign": "not a scoretk checkpoint", "evil": "refused",
+              "directory": "directory"}.get(case, "bad.pt: ")
+    if case == "foreign":
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, bad)
+    elif case.startswith("corrupt"):
+        bad.write_bytes(np.random.default_rng(int(case[-1])).bytes(5000))
+    elif case == "truncated":
+        bad.write_bytes(ckpts["toy"].read_bytes()[:3000])
+    elif case == "evil":
+        torch.save({"format": CHECKPOINT_FORMAT, "model": Evil(marker)}, bad)
+    elif case == "directory":
+        bad.mkdir()
+    result = cli("sample", "--checkpoint", bad, "--out", out, "-n", "8", "--force")
+    assert_one_line_error(result, needle)
+    assert out.read_bytes() == before
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["-n", "0"], "--num-samples must be positive"),
+    (["-n", "-5"], "--num-samples must be positive"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--resume", "--force"], "give one"),
+    (["-o", "net.hidden=4"], "only sampler.* and sample.*"),
+    (["-o", "sampler.steps_per_level=0"], "sampler.steps_per_level"),
+    (["-o", "sampler.nonsense=1"], "sampler.nonsense"),
+    (["--grid", "nodir/g.png"], "does not exist"),
+])
+def test_bad_arguments_are_one_line_errors(ckpts, tmp_path, args, needle):
+    out = tmp_path / "keep.h5"
+    out.write_bytes(b"precious")
+    result = cli("sample", "--checkpoint", ckpts["toy"], "--out", out, "--force", *args)
+    assert_one_line_error(result, needle)
+    assert out.read_bytes() == b"precious"
+
+
+def test_out_in_a_missing_directory(ckpts, tmp_path):
+    result = cli("sample", "--checkpoint", ckpts["toy"], "--out", tmp_path / "no" / "o.h5")
+    assert_one_line_error(result, "does not exist")
+    assert not (tmp_path / "no").exists()
+
+
+def test_resume_of_a_foreign_file_is_refused(ckpts, tmp_path):
+    out = tmp_path / "o.h5"
+    out.write_bytes(os.urandom(3000))
+    before = out.read_bytes()
+    assert_one_line_error(cli("sample", "--checkpoint", ckpts["toy"], "--out", out,
+                              "--resume"), "not an HDF5 file")
+    assert out.read_bytes() == before
+
+
+# --- inspect and grids ---------------------------------------------------------------------
+
+def test_inspect_and_grids(ckpts, tmp_path):
+    out, png = tmp_path / "i.h5", tmp_path / "g.png"
+    result = sample(ckpts["img"], out, "-n", "10", "--grid", png)
+    assert Image.open(png).size == (42, 32)  # 4 x 3 grid of 8 px images, 2 px padding
+    result = cli("inspect", out, "--grid", tmp_path / "h.png", "-k", "4")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "samples: shape (10, 8, 8, 1) uint8" in result.output
+    assert "num_written: 10 of 10" in result.output and "complete: yes" in result.output
+    assert Image.open(tmp_path / "h.png").size == (22, 22)
+    toy = tmp_path / "t.h5"
+    sample(ckpts["toy"], toy, "-n", "8")
+    assert cli("inspect", toy, "--grid", tmp_path / "t.png").exit_code == 0
+    assert Image.open(tmp_path / "t.png").size == (512, 512)
+    assert_one_line_error(cli("inspect", tmp_path / "none.h5"), "not found")

@@ -12,7 +12,6 @@ import io
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -71,10 +70,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        text = str(exc)
+        if "global" not in text.lower():  # garbage bytes, not a forbidden object
+            raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or not a torch "
+                                  "file)") from None
+        what = next((line.strip() for line in text.splitlines() if "global" in line.lower()), "")
         raise CheckpointError(f"{path}: refused: the file holds Python objects that "
-                              f"weights-only loading does not allow ({first[:160]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+                              f"weights-only loading does not allow ({what[:160]})") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types on garbage input
         raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated: "
                               f"{type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:

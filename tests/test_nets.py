@@ -11,7 +11,7 @@ from scoretk.plugins import PluginRegistrar, load_plugins
 from scoretk.registry import Registry
 from scoretk_plugins.nets.layers import CondInstanceNormPP, InstanceNormPP
 
-NAMES = ["ncsn", "ncsnv2", "ncsnv2_deeper", "ncsnv2_deepest", "mlp"]
+NAMES = ["ncsn", "ncsnv2", "ncsnv2_deeper", "ncsnv2_deepest", "convnet", "mlp"]
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +233,17 @@ def test_loaded_as_a_plugin():
     info = {p.name: p for p in load_plugins(autoload=False).plugins}["nets"]
     assert info.ok, info.error
     assert {c.name for c in info.components} == set(NAMES)
+
+
+def test_convnet_shape_and_sigma_normalisation():
+    from scoretk_plugins.nets.convnet import ConvNetParams, build_convnet
+
+    torch.manual_seed(0)
+    net = build_convnet(ConvNetParams(channels=16, blocks=2, sigma_input=False),
+                        shape=(1, 8, 8), num_levels=5)
+    x, level = torch.rand(3, 1, 8, 8), torch.zeros(3, dtype=torch.long)
+    out = net(x, torch.full((3,), 0.5), level)
+    assert out.shape == x.shape
+    torch.testing.assert_close(net(x, torch.full((3,), 2.0), level), out / 4)
+    with pytest.raises(ValueError, match="image data"):
+        build_convnet(ConvNetParams(), shape=(2,), num_levels=5)

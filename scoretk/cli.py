@@ -22,12 +22,13 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from scoretk.assemble import ComponentError
     from scoretk.checkpoint import CheckpointError
     from scoretk.data import DataError
+    from scoretk.distributed import DeviceError
     from scoretk.recipe import RecipeError
     from scoretk.registry import RegistryError
     from scoretk.store import StoreError
 
     return (RecipeError, RegistryError, CheckpointError, DataError, ComponentError, StoreError,
-            FileExistsError, FileNotFoundError)
+            DeviceError, FileExistsError, FileNotFoundError)
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
@@ -43,14 +44,37 @@ class Dist:
             tdist.destroy_process_group()
 
 
-def setup_distributed() -> Dist:
+BARRIER_TIMEOUT = timedelta(hours=6)
+"""Ranks wait for each other at barriers for up to a whole batch or checkpoint: allow long ones."""
+
+
+class DeviceError(ValueError):
+    """A requested device that this machine does not have."""
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Join torchrun's process group: nccl when the job runs on CUDA, gloo otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not tdist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+        if cuda:
             torch.cuda.set_device(local)
-        tdist.init_process_group(backend)
+        tdist.init_process_group("nccl" if cuda else "gloo", timeout=BARRIER_TIMEOUT)
     return Dist(rank, world, local)
+
+
+def pick_device(name: str, dist: Dist) -> torch.device:
+    """'auto' = cuda, else mps, else cpu; under torchrun each rank takes its local GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else (
+            "mps" if torch.backends.mps.is_available() else "cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("device cuda: no CUDA device is available")
+        return torch.device("cuda", dist.local_rank)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("device mps: MPS is not available")
+    return torch.device(name)

@@ -14,18 +14,16 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.distributed as tdist
 from torch import Tensor, nn
 
 from scoretk import assemble
 from scoretk.checkpoint import (CheckpointError, RunDir, load_checkpoint, most_recent_run,
                                 sha256_file)
-from scoretk.distributed import Dist, setup_distributed
+from scoretk.distributed import Dist, pick_device, setup_distributed
 from scoretk.recipe import Recipe, RecipeError, apply_overrides, parse_override
 from scoretk.registry import Registry
 from scoretk.rng import PerSampleNoise, derive_seed
@@ -33,32 +31,6 @@ from scoretk.store import SampleStore, StoreError, write_grid_from_file
 
 OVERRIDABLE = ("sampler", "sample")
 """Recipe sections `-o` may change when sampling; the rest is fixed by the trained weights."""
-BARRIER_TIMEOUT = timedelta(hours=6)
-"""A rank with no batch in the last round waits a whole batch at a barrier: allow long ones."""
-
-
-def pick_device(name: str, dist: Dist) -> torch.device:
-    """'auto' = cuda, else mps, else cpu; under torchrun each rank takes its local GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else (
-            "mps" if torch.backends.mps.is_available() else "cpu")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise StoreError("--device cuda: no CUDA device is available")
-        return torch.device("cuda", dist.local_rank)
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise StoreError("--device mps: MPS is not available")
-    return torch.device(name)
-
-
-def _setup_distributed(device: str) -> Dist:
-    """Join torchrun's process group (gloo on CPU, nccl for CUDA) with a long barrier timeout."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not tdist.is_initialized():
-        cuda = device in ("auto", "cuda") and torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        tdist.init_process_group("nccl" if cuda else "gloo", timeout=BARRIER_TIMEOUT)
-    return setup_distributed()
 
 
 def find_checkpoint(run_dir: str | None, checkpoint: str | None,
@@ -164,7 +136,7 @@ def run_sampling(*, registry: Registry, out: str, run_dir: str | None = None,
     out_path = Path(out)
     _check_arguments(out_path, num_samples, batch_size, resume, force, grid)
     _check_overrides(overrides)
-    dist = _setup_distributed(device)
+    dist = setup_distributed(device)
     try:
         existing = SampleStore(out_path) if resume and out_path.exists() else None
         job = _prepare(dist, registry, existing, run_dir, checkpoint, num_samples, batch_size,
@@ -235,13 +207,7 @@ def _prepare(dist: Dist, registry: Registry, existing: SampleStore | None, run_d
     file's checkpoint, sampler settings, N, seed and flags."""
     fa = existing.attrs if existing else {}
     ckpt = find_checkpoint(run_dir, checkpoint, fa.get("checkpoint"))
-    try:
-        state = load_checkpoint(ckpt)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - torch.load fails in many ways on random bytes
-        raise CheckpointError(f"{ckpt}: not a readable checkpoint (corrupt or truncated: "
-                              f"{type(exc).__name__})") from None
+    state = load_checkpoint(ckpt)
     sha = sha256_file(ckpt)
     if existing and fa.get("checkpoint_sha256") != sha:
         raise StoreError(f"{existing.path}: cannot resume, it was started from another "

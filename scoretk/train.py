@@ -26,7 +26,7 @@ from scoretk import assemble
 from scoretk.checkpoint import RunDir, atomic_write_text, load_checkpoint
 from scoretk.components import Dataset
 from scoretk.data import augment
-from scoretk.distributed import Dist, setup_distributed
+from scoretk.distributed import pick_device, setup_distributed
 from scoretk.recipe import COMPONENT_SECTIONS, Recipe, RecipeError
 from scoretk.registry import Registry
 from scoretk.rng import PerSampleNoise, derive_seed, generator
@@ -38,17 +38,6 @@ class TrainingError(Exception):
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; a checkpoint was written."""
-
-
-def pick_device(name: str, dist: Dist) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else (
-            "mps" if torch.backends.mps.is_available() else "cpu")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RecipeError("recipe", "train.device", "cuda requested but no CUDA device")
-        return torch.device("cuda", dist.local_rank)
-    return torch.device(name)
 
 
 class StepBatches:
@@ -148,7 +137,7 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
           restart: bool = False) -> Path:
     """Train `recipe`; returns the path of the final checkpoint."""
     cfg = recipe.train
-    dist = setup_distributed()
+    dist = setup_distributed(cfg.device)
     device = pick_device(cfg.device, dist)
     run = RunDir(run_dir or cfg.run_dir or Path("runs") / recipe.name)
     data = assemble.build_data(recipe, registry)

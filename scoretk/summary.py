@@ -43,11 +43,16 @@ def plan_recipe(recipe: Recipe, registry: Registry) -> tuple[Recipe, list[str]]:
     sampler = registry.get("sampler", planned.sampler.kind).build(planned.sampler.params)
     settings = sampler.settings(schedule)
     sig = schedule.sigmas
+    auto = set(assemble.needs_data(recipe))
+
+    def how(field: str, technique: str) -> str:
+        return f" ({technique})" if field in auto else " (as given)"
+
     lines = [
         f"data: {len(data)} items of shape {'x'.join(map(str, data.shape))}",
-        f"sigma_max (technique 1): {sig[0].item():.6g}",
+        f"sigma_max{how('schedule.sigma_max', 'technique 1')}: {sig[0].item():.6g}",
         f"sigma_min: {sig[-1].item():.6g}",
-        f"noise levels (technique 2): {schedule.num_levels}",
+        f"noise levels{how('schedule.num_levels', 'technique 2')}: {schedule.num_levels}",
     ]
     if "eps" in settings:
         ratio = settings.get("prop3_ratio")

@@ -1,0 +1,53 @@
+"""The command surface: --help without torch, recipe show figures, plan, version."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import yaml
+from click.testing import CliRunner
+
+from scoretk import __version__
+from scoretk.cli import main
+
+
+def test_help_and_version_do_not_import_torch():
+    code = ("import sys; from scoretk.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().endswith("NO-TORCH"), out.stdout + out.stderr
+    assert "train" in out.stdout and "sample" in out.stdout
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_recipe_show_reports_the_reference_figures():
+    result = CliRunner().invoke(main, ["recipe", "show", "recipes/ncsnv2_cifar10.yaml"])
+    assert result.exit_code == 0, result.output
+    assert "# parameters: 29,694,083" in result.output
+    assert "# noise levels: 232" in result.output
+    assert "# network evaluations per sample: 1,161" in result.output
+    resolved = yaml.safe_load(result.output.split("---")[0])
+    assert resolved["net"] == {"kind": "ncsnv2", "ngf": 128}
+
+
+def test_recipe_show_with_auto_schedule_points_to_plan():
+    result = CliRunner().invoke(main, ["recipe", "show", "recipes/quickstart_digits.yaml"])
+    assert result.exit_code == 0, result.output
+    assert "schedule.sigma_max, schedule.num_levels" in result.output
+    assert "scoretk plan" in result.output
+
+
+def test_plan_resolves_and_writes(tmp_path):
+    out = tmp_path / "planned.yaml"
+    result = CliRunner().invoke(main, ["plan", "recipes/quickstart_digits.yaml", "--write", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "sigma_max (technique 1): 4.8" in result.output
+    assert "noise levels (technique 2): 21" in result.output
+    assert "eps for T=5: 2.4" in result.output
+    planned = yaml.safe_load(out.read_text())
+    assert planned["schedule"]["num_levels"] == 21
+    assert abs(planned["sampler"]["eps"] - 2.4e-5) < 0.05e-5
+    shown = CliRunner().invoke(main, ["recipe", "show", str(out)])
+    assert "# noise levels: 21" in shown.output and "# network evaluations per sample: 106" in shown.output

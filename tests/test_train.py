@@ -207,3 +207,29 @@ def test_torchrun_two_cpu_processes(tmp_path, toy_recipe):
     net = assemble.build_model(recipe, reg, tuple(state["shape"])).net
     net.load_state_dict(state["model"])
     assert out.stderr.count("scoretk train:") == 1  # only rank 0 talks
+
+
+def test_sample_grids_use_the_averaged_weights_every_n_steps(tmp_path, toy_recipe, monkeypatch):
+    raw = {**toy_recipe,
+           "data": {"kind": "digits", "size": 8},
+           "schedule": {"kind": "geometric", "sigma_max": 3.0, "sigma_min": 0.3, "num_levels": 3},
+           "net": {"kind": "convnet", "channels": 8, "blocks": 1},
+           "sampler": {"kind": "annealed_langevin", "steps_per_level": 1, "eps": 1e-3},
+           "averager": {"kind": "ema", "rate": 0.5}}
+    raw["train"] = {**raw["train"], "iterations": 4, "sample_every": 2, "grid_size": 4,
+                    "batch_size": 16}
+    from scoretk_plugins.averagers import EMA
+    swapped = []
+    real = EMA.averaged
+
+    def spy(self, model):
+        swapped.append(True)
+        return real(self, model)
+
+    monkeypatch.setattr(EMA, "averaged", spy)
+    train(_recipe(raw), default_registry(), tmp_path)
+    grids = sorted(p.name for p in (tmp_path / "samples").glob("*.png"))
+    assert grids == ["step-00000002.png", "step-00000004.png"]
+    assert len(swapped) == 2
+    from PIL import Image
+    assert Image.open(tmp_path / "samples" / grids[0]).size[0] > 8  # a grid, not one image

@@ -121,7 +121,7 @@ def _model_sections(recipe_dump: dict) -> dict:
     return {s: recipe_dump[s] for s in ("data", "schedule", "net", "loss", "averager")}
 
 
-def prepare_run(recipe: Recipe, run: RunDir, restart: bool) -> dict | None:
+def prepare_run(run: RunDir, restart: bool) -> dict | None:
     """Checkpoint state to resume from, or None; --restart clears the old checkpoints."""
     if restart:
         for path in (run.checkpoints, run.samples):
@@ -143,24 +143,20 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
     data = assemble.build_data(recipe, registry)
     state = None
     if dist.is_main:
-        state = prepare_run(recipe, run, restart)
+        state = prepare_run(run, restart)
         run.create()
     dist.barrier()
     if not dist.is_main and not restart:
         latest = run.latest()
         state = load_checkpoint(latest) if latest is not None else None
 
+    resolved = assemble.resolve(recipe, data)  # deterministic: same values on every rank
     if state is not None:
         stored = Recipe.from_dict(state["recipe"], registry, source=f"{run.latest()}")
-        resolved = assemble.resolve(recipe, data) if assemble.needs_data(recipe) else recipe
         if _model_sections(stored.dump()) != _model_sections(resolved.dump()):
             raise RecipeError(str(run.path), None, "the recipe's data/schedule/net/loss/averager "
                               "differ from the checkpoint's; use --restart to start over or "
                               "--run-dir for a new run")
-        resolved = stored.model_copy(update={s: getattr(recipe, s) for s in
-                                             ("optim", "train", "sample", "sampler")})
-    else:
-        resolved = assemble.resolve(recipe, data)
 
     torch.manual_seed(derive_seed(cfg.seed, "init"))  # same initial weights on every rank and run
     model = assemble.build_model(resolved, registry, data.shape)
@@ -179,6 +175,7 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
         optimiser.load_state_dict(state["optimizer"])
         averager.load_state_dict(state["averager"])
         step = int(state["step"])
+        _set_rng_state(state.get("rng", {}))
     if dist.is_main:
         atomic_write_text(run.recipe, resolved.to_yaml())
 
@@ -195,7 +192,7 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
         return run.save({
             "model": net.state_dict(), "optimizer": optimiser.state_dict(),
             "averager": averager.state_dict(), "step": at_step, "recipe": resolved.dump(),
-            "shape": list(data.shape), "rng": {"torch": torch.get_rng_state()},
+            "shape": list(data.shape), "rng": _rng_state(),
             "scoretk_version": scoretk.__version__, "torch_version": str(torch.__version__),
         }, at_step, cfg.keep_checkpoints)
 
@@ -281,6 +278,23 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
         print(f"done: {step} steps; checkpoint {last_ckpt}", file=sys.stderr)
     dist.shutdown()
     return Path(last_ckpt) if last_ckpt is not None else run.latest()
+
+
+def _rng_state() -> dict:
+    """Global RNG states: scoretk draws from per-step generators, but a plugin's net may use
+    the global RNG (dropout), and a resumed run must see the same numbers."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and \
+            len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _ckpt_step(path: Path) -> int:

@@ -1,0 +1,246 @@
+"""Shared helpers for the benchmark scripts: environment header, timing, model building, and
+the optional NCSNv2 reference (public ermongroup/ncsnv2 code, never shipped with scoretk).
+
+Benchmarks print tables; nothing here asserts a speed. Timings on a shared machine are noisy:
+every script takes the median of several repeats and interleaves the configurations it
+compares (A B C A B C ...), so a burst of load hits all of them alike.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from a checkout
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+
+# ---------------------------------------------------------------------------- arguments
+
+def add_common_args(p: argparse.ArgumentParser, *, ngf: int, size: int, batch: int,
+                    repeats: int) -> None:
+    p.add_argument("--ngf", type=int, default=ngf, help="NCSNv2 base width (default %(default)s)")
+    p.add_argument("--size", type=int, default=size, help="image size in px (default %(default)s)")
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--batch", type=int, default=batch, help="batch size (default %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--repeats", type=int, default=repeats,
+                   help="timed repeats per configuration; the table shows their median")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("benchmark: --device cuda but torch sees no CUDA device")
+    return device
+
+
+def header(title: str, device: torch.device, **settings) -> None:
+    """The conditions every table needs next to it."""
+    if device.type == "cuda":
+        dev = f"{device} ({torch.cuda.get_device_name(device)})"
+    else:
+        dev = f"cpu ({_cpu_name()}, {os.cpu_count()} logical cores, " \
+              f"ISA {torch.backends.cpu.get_cpu_capability()})"
+    try:
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "n/a"
+    print(f"== {title}")
+    print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')} | host: "
+          f"{platform.node()} | python {platform.python_version()}")
+    print(f"device: {dev} | torch {torch.__version__} | threads: {torch.get_num_threads()} | "
+          f"load average (1/5/15 min) at start: {load}")
+    if settings:
+        print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+# ---------------------------------------------------------------------------- timing
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int, device: torch.device,
+                warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each fn, measured round-robin: A B C A B C ... (after warm-up)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            gc.collect()
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-markdown table (pastes straight into benchmarks/README.md)."""
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+                      *map(line, rows)])
+
+
+# ---------------------------------------------------------------------------- scoretk parts
+
+def registry():
+    from scoretk.plugins import default_registry
+    return default_registry()
+
+
+def build_ncsnv2(reg, ngf: int, size: int, channels: int, num_levels: int,
+                 device: torch.device) -> torch.nn.Module:
+    net = reg.build("net", {"kind": "ncsnv2", "ngf": ngf}, shape=(channels, size, size),
+                    num_levels=num_levels)
+    return net.to(device)
+
+
+def build_schedule(reg, sigma_max: float, sigma_min: float, num_levels: int):
+    return reg.build("schedule", {"kind": "geometric", "sigma_max": sigma_max,
+                                  "sigma_min": sigma_min, "num_levels": num_levels})
+
+
+def count_parameters(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def apply_layout(net: torch.nn.Module, opts: set[str]) -> torch.nn.Module:
+    """'channels_last': weights to channels_last; 'nchw': make the RefineNet run in the input's
+    (NCHW) layout instead of its CPU default, channels_last."""
+    if "nchw" in opts:
+        net.layout = "input"
+    if "channels_last" in opts:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def layout_input(x: torch.Tensor, opts: set[str]) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if "channels_last" in opts else x
+
+
+# ---------------------------------------------------------------------------- the reference
+
+class Reference:
+    """The public NCSNv2 code (ermongroup/ncsnv2 layout: models/ncsnv2.py, models/__init__.py,
+    models/ema.py, losses/dsm.py), imported from a directory given on the command line.
+
+    scoretk does not ship it; benchmarks use it only to measure the ratio on this machine.
+    """
+
+    def __init__(self, path: str):
+        path = str(Path(path).resolve())
+        if not Path(path, "models", "ncsnv2.py").is_file():
+            raise FileNotFoundError(f"{path}/models/ncsnv2.py not found")
+        sys.path.insert(0, path)
+        try:
+            import models as ref_models  # noqa: F401  (the reference's package names)
+            from losses.dsm import anneal_dsm_score_estimation
+            from models import anneal_Langevin_dynamics
+            from models.ema import EMAHelper
+            from models.ncsnv2 import NCSNv2
+        finally:
+            sys.path.remove(path)
+        self.path = path
+        self.NCSNv2, self.EMAHelper = NCSNv2, EMAHelper
+        self.dsm, self.langevin = anneal_dsm_score_estimation, anneal_Langevin_dynamics
+
+    def config(self, ngf: int, size: int, channels: int, sigma_max: float, sigma_min: float,
+               num_levels: int, device: torch.device) -> SimpleNamespace:
+        ns = SimpleNamespace
+        return ns(device=device,
+                  data=ns(logit_transform=False, rescaled=False, channels=channels,
+                          image_size=size),
+                  model=ns(ngf=ngf, num_classes=num_levels, sigma_begin=sigma_max,
+                           sigma_end=sigma_min, sigma_dist="geometric", ema=True,
+                           ema_rate=0.999, normalization="InstanceNorm++", nonlinearity="elu"))
+
+    def net(self, config) -> torch.nn.Module:
+        return self.NCSNv2(config).to(config.device)
+
+
+def load_reference(path: str | None) -> Reference | None:
+    """The reference, or None with the reason printed ("reference: not available")."""
+    if not path:
+        print("reference: not available (pass --reference DIR with the public ermongroup/ncsnv2 "
+              "code to measure the ratio)")
+        return None
+    try:
+        ref = Reference(path)
+    except Exception as exc:  # noqa: BLE001 - any failure just means no reference row
+        print(f"reference: not available ({type(exc).__name__}: {exc})")
+        return None
+    print(f"reference: {ref.path}")
+    return ref
+
+
+# ---------------------------------------------------------------------------- speed options
+
+OPTION_HELP = ("comma-separated configurations to time, each '+'-joined speed options: eager "
+               "(the default net), nchw (force the net's internal layout to the input's NCHW; "
+               "by default it runs channels_last on CPU), channels_last (weights and input "
+               "channels_last too), compile (torch.compile), bf16 (autocast, CUDA only){extra}; "
+               "'all' for every one that applies. Default: %(default)s")
+
+
+def parse_options(spec: str, device: torch.device, extra: tuple[str, ...] = ()) -> list[str]:
+    """Configurations like 'eager', 'channels_last', 'compile+channels_last', in table order."""
+    known = {"eager", "nchw", "channels_last", "compile", "bf16", *extra}
+    if spec == "all":
+        combos = ["eager", "nchw", "channels_last", "compile", "compile+channels_last"]
+        if device.type == "cuda":
+            combos += ["bf16", "bf16+channels_last", *extra]
+        return combos
+    out = []
+    for combo in (s.strip() for s in spec.split(",") if s.strip()):
+        parts = set(combo.split("+"))
+        if parts - known:
+            sys.exit(f"benchmark: unknown option(s) {sorted(parts - known)} in --options; "
+                     f"known: {sorted(known)}")
+        out.append(combo)
+    return out
+
+
+def skip_reason(combo: str, device: torch.device) -> str | None:
+    parts = set(combo.split("+"))
+    if device.type != "cuda" and parts & {"bf16", "cuda_graphs"}:
+        return "needs a CUDA device (bf16 autocast and CUDA graphs are GPU options here)"
+    return None

@@ -1,0 +1,260 @@
+"""The speed paths compute the same function as the plain one (issue 6).
+
+Fused InstanceNorm++ and ELU (hand-written backward), the stride-2 ConvMeanPool, the
+channels_last layout and torch.compile must agree with the plain formulas / eager NCHW to 1e-4
+relative error, in values and in gradients. Small nets, so this file takes seconds (the
+inductor test is marked slow: it compiles C++).
+"""
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scoretk_plugins.nets import layers
+from scoretk_plugins.nets.layers import (CRP, ELU, ConvMeanPool, CondInstanceNormPP,
+                                         InstanceNormPP, NoNorm, ResidualBlock, instance_norm_pp,
+                                         instance_norm_pp_reference)
+from scoretk_plugins.nets.refinenet import STAGES, RefineNet
+
+RTOL = 1e-4
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def assert_close(a, b, rtol=RTOL, what=""):
+    err = rel_err(a, b)
+    assert err < rtol, f"{what}: relative error {err:.2e} >= {rtol:g}"
+
+
+def _norm_inputs(B=3, C=5, H=6, W=7, per_sample=False, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, H, W, generator=g, dtype=dtype) * 3 \
+        + torch.randn(1, C, 1, 1, generator=g, dtype=dtype) * 2
+    rows = B if per_sample else 1
+    params = [torch.randn(rows, C, generator=g, dtype=dtype) for _ in range(3)]
+    return x, params
+
+
+# ------------------------------------------------------------------ InstanceNorm++
+
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_instance_norm_pp_matches_formula(per_sample, channels_last):
+    x, params = _norm_inputs(per_sample=per_sample, dtype=torch.float32)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(x)
+    outs = []
+    for fn in (instance_norm_pp, instance_norm_pp_reference):
+        xs = x.clone().requires_grad_()
+        ps = [p.clone().requires_grad_() for p in params]
+        out = fn(xs, *ps)
+        out.backward(grad)
+        outs.append((out.detach(), xs.grad, [p.grad for p in ps]))
+    (o1, gx1, gp1), (o2, gx2, gp2) = outs
+    assert_close(o1, o2, what="output")
+    assert_close(gx1, gx2, what="grad x")
+    for name, a, b in zip(("gamma", "alpha", "beta"), gp1, gp2):
+        assert a.shape == b.shape
+        assert_close(a, b, what=f"grad {name}")
+    if channels_last:
+        assert o1.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fused_instance_norm_pp_gradcheck_and_double_backward():
+    x, params = _norm_inputs(B=2, C=3, H=4, W=3, dtype=torch.float64)
+    inputs = (x.requires_grad_(), *(p.requires_grad_() for p in params))
+    assert torch.autograd.gradcheck(instance_norm_pp, inputs)
+    assert torch.autograd.gradgradcheck(instance_norm_pp, inputs)
+
+
+def test_fused_instance_norm_pp_partial_grads():
+    """Only some inputs need gradients (frozen norm parameters, or no input gradient)."""
+    x, (g, a, b) = _norm_inputs(dtype=torch.float32)
+    out = instance_norm_pp(x.requires_grad_(), g, a, b)
+    out.square().sum().backward()
+    ref = x.detach().clone().requires_grad_()
+    instance_norm_pp_reference(ref, g, a, b).square().sum().backward()
+    assert_close(x.grad, ref.grad)
+    g2 = g.clone().requires_grad_()
+    instance_norm_pp(x.detach(), g2, a, b).square().sum().backward()
+    g3 = g.clone().requires_grad_()
+    instance_norm_pp_reference(x.detach(), g3, a, b).square().sum().backward()
+    assert_close(g2.grad, g3.grad)
+
+
+def test_fused_instance_norm_pp_mixed_precision():
+    """bf16 activations with float32 parameters (autocast keeps norms out of its lists): the
+    result type is the plain formula's."""
+    x, params = _norm_inputs(dtype=torch.float32)
+    xb = x.bfloat16().requires_grad_()
+    out = instance_norm_pp(xb, *params)
+    ref = instance_norm_pp_reference(x.bfloat16(), *params)
+    assert out.dtype == ref.dtype
+    assert_close(out, ref, rtol=2e-2)
+    out.sum().backward()
+    assert xb.grad.dtype == torch.bfloat16
+
+
+def test_norm_modules_use_the_fused_path_and_match():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, 5)
+    norm = InstanceNormPP(6)
+    with torch.no_grad():
+        norm.beta.normal_()
+    assert_close(norm(x), instance_norm_pp_reference(x, norm.gamma[None], norm.alpha[None],
+                                                     norm.beta[None]))
+    cond = CondInstanceNormPP(6, 3)
+    level = torch.tensor([0, 2, 1, 2])
+    gamma, alpha, beta = cond.embed(level).chunk(3, dim=-1)
+    assert_close(cond(x, level), instance_norm_pp_reference(x, gamma, alpha, beta))
+
+
+# ------------------------------------------------------------------ ELU
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_elu_matches_torch(alpha):
+    x = torch.randn(2, 3, 8, 8) * 4
+    x[0, 0, 0, :3] = torch.tensor([0.0, float("inf"), -float("inf")])
+    grad = torch.randn_like(x)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, ref = ELU(alpha)(a), F.elu(b, alpha)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=2e-7)
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=2e-7)
+    nan = ELU(alpha)(torch.tensor([float("nan")]))
+    assert torch.isnan(nan).all()
+
+
+def test_elu_double_backward():
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ELU(), (x,))
+    assert torch.autograd.gradgradcheck(ELU(), (x,))
+
+
+# ------------------------------------------------------------------ ConvMeanPool
+
+@pytest.mark.parametrize("kernel", [1, 3])
+@pytest.mark.parametrize("size", [(8, 8), (7, 9)])
+def test_conv_mean_pool_is_conv_then_mean_pool(kernel, size):
+    torch.manual_seed(0)
+    m = ConvMeanPool(4, 6, kernel)
+    x = torch.randn(2, 4, *size, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    out = m(x)
+    ref = F.avg_pool2d(m.conv(x2), 2)
+    assert out.shape == ref.shape
+    assert_close(out, ref)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    w_fast = m.conv.weight.grad.clone()
+    m.zero_grad()
+    ref.backward(grad)
+    assert_close(x.grad, x2.grad, what="grad x")
+    assert_close(w_fast, m.conv.weight.grad, what="grad weight")
+
+
+# ------------------------------------------------------------------ whole nets
+
+def _net(kind: str, shape=(3, 16, 16), ngf=8, num_levels=4, seed=0) -> RefineNet:
+    torch.manual_seed(seed)
+    net = RefineNet(shape[0], ngf, STAGES[kind], conditional=kind == "ncsn",
+                    num_levels=num_levels)
+    with torch.no_grad():  # move the norms off their init so every term matters
+        for name, p in net.named_parameters():
+            if name.endswith(("gamma", "alpha", "beta")) or "embed" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return net
+
+
+def _run(net, x, sigma, level):
+    """Output and all gradients (parameters and input) of a scalar loss."""
+    x = x.clone().requires_grad_()
+    net.zero_grad(set_to_none=True)
+    out = net(x, sigma, level)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in net.named_parameters()}
+    return out.detach(), x.grad, grads
+
+
+def _inputs(shape=(3, 16, 16), batch=3):
+    g = torch.Generator().manual_seed(1)
+    return (torch.rand(batch, *shape, generator=g), torch.tensor([0.5, 2.0, 9.0][:batch]),
+            torch.tensor([0, 3, 1][:batch]))
+
+
+def _compare(a, b, what):
+    (oa, xa, ga), (ob, xb, gb) = a, b
+    assert_close(oa, ob, what=f"{what}: output")
+    assert_close(xa, xb, what=f"{what}: input grad")
+    for name in ga:
+        assert_close(ga[name], gb[name], what=f"{what}: grad {name}")
+
+
+@pytest.mark.parametrize("kind", ["ncsnv2", "ncsn"])
+def test_layouts_agree_with_nchw(kind):
+    """The default CPU layout (channels_last inside) and channels_last weights and inputs agree
+    with the net run in plain NCHW, and hand back the input's layout."""
+    net = _net(kind)
+    x, sigma, level = _inputs()
+    nchw = copy.deepcopy(net)
+    nchw.layout = "input"
+    base = _run(nchw, x, sigma, level)
+    auto = _run(net, x, sigma, level)
+    _compare(auto, base, "auto layout")
+    assert auto[0].is_contiguous()
+    cl_net = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    cl = _run(cl_net, x_cl, sigma, level)
+    _compare(cl, base, "channels_last")
+    assert cl[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fast_layers_agree_with_plain_formulas(monkeypatch):
+    """Swap every fast path for its plain form (formula norm, torch's ELU, conv + mean pool,
+    NCHW) and compare the whole net, outputs and gradients."""
+    net = _net("ncsnv2")
+    x, sigma, level = _inputs()
+    fast = _run(net, x, sigma, level)
+    plain_net = copy.deepcopy(net)
+    plain_net.layout = "input"
+    monkeypatch.setattr(layers, "instance_norm_pp", instance_norm_pp_reference)
+    monkeypatch.setattr(ELU, "forward", lambda self, t: F.elu(t, self.alpha))
+    monkeypatch.setattr(ConvMeanPool, "forward", lambda self, t: F.avg_pool2d(self.conv(t), 2))
+    monkeypatch.setattr(layers, "_pool", lambda pool, t: pool(t))
+    plain = _run(plain_net, x, sigma, level)
+    _compare(fast, plain, "plain formulas")
+
+
+def test_compiled_graph_path_agrees_with_eager():
+    """torch.compile traces the plain formulas (is_compiling branches); aot_eager runs that
+    traced graph without code generation, so this checks our side in seconds."""
+    net = _net("ncsnv2", ngf=4)
+    x, sigma, level = _inputs()
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(net), backend="aot_eager")
+    _compare(_run(compiled, x, sigma, level), _run(net, x, sigma, level), "compiled (aot_eager)")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor needs a C++ compiler on CPU")
+def test_inductor_agrees_with_eager():
+    """Inductor-generated code for the layers (InstanceNorm++, ELU, residual block, chained
+    pooling); the whole net's compiled graph is checked above, without code generation."""
+    torch.manual_seed(0)
+    block = torch.nn.ModuleDict({"res": ResidualBlock(4, 4, InstanceNormPP, dilation=2),
+                                 "crp": CRP(4, NoNorm, "max")})
+    fn = lambda x: block["crp"](block["res"](x))  # noqa: E731
+    x = torch.randn(2, 4, 8, 8)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert_close(torch.compile(fn)(x), fn(x), what="inductor")

@@ -25,7 +25,8 @@ def ours(args, reg, device: torch.device, combo: str):
     torch.manual_seed(args.seed)
     net = common.build_ncsnv2(reg, args.ngf, args.size, args.channels, args.levels, device)
     net = common.apply_layout(net, opts)
-    optimiser = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    optimiser = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
+                                 **({"fused": True} if "fused_adam" in opts else {}))
     averager = reg.build("averager", {"kind": "ema", "rate": 0.999}, model=net)
     loss_fn = reg.build("loss", {"kind": "dsm"})
     schedule = common.build_schedule(reg, args.sigma_max, args.sigma_min, args.levels)
@@ -46,7 +47,10 @@ def ours(args, reg, device: torch.device, combo: str):
                 loss, _stats = loss_fn(train_net, x, schedule, g)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(params, math.inf)
+            if "norm_only" in opts:  # no clipping configured: measure the norm, skip the x1.0
+                grad_norm = nn.utils.get_total_norm([p.grad for p in params])
+            else:  # what scoretk.train does today
+                grad_norm = nn.utils.clip_grad_norm_(params, math.inf)
             finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
             bad = state["first_bad"]
             state["first_bad"] = torch.where((bad < 0) & ~finite,
@@ -92,12 +96,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sigma-max", type=float, default=50.0)
     p.add_argument("--sigma-min", type=float, default=0.01)
     p.add_argument("--options", default="eager,nchw,channels_last",
-                   help=common.OPTION_HELP.format(extra=""))
+                   help=common.OPTION_HELP.format(
+                       extra=", fused_adam (Adam(fused=True)), norm_only (gradient norm without "
+                             "the no-op clipping multiply): proposals for scoretk.train"))
     p.add_argument("--reference", default=None, metavar="DIR",
                    help="directory with the public ermongroup/ncsnv2 code (models/, losses/)")
     args = p.parse_args(argv)
     device = common.setup(args)
-    combos = common.parse_options(args.options, device)
+    combos = common.parse_options(args.options, device, ("fused_adam", "norm_only"))
+    if args.options == "all":
+        combos.insert(1, "fused_adam+norm_only")
     common.header("training step throughput (images/s)", device, ngf=args.ngf,
                   size=args.size, channels=args.channels, batch=args.batch, levels=args.levels,
                   steps_per_repeat=args.steps, repeats=args.repeats)

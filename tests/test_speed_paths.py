@@ -258,3 +258,22 @@ def test_inductor_agrees_with_eager():
     torch._dynamo.reset()
     with torch.no_grad():
         assert_close(torch.compile(fn)(x), fn(x), what="inductor")
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_crp_pooling_paths_agree(kind, channels_last):
+    """CRP's pooling (channels_last detour, separable max without gradient) returns exactly
+    what the plain pooling layer does, with and without gradient."""
+    pool = (torch.nn.MaxPool2d if kind == "max" else torch.nn.AvgPool2d)(5, stride=1, padding=2)
+    x = torch.randn(2, 6, 9, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(layers._pool(pool, x), pool(x), rtol=0, atol=1e-6)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = layers._pool(pool, a)
+    torch.testing.assert_close(out, pool(b), rtol=0, atol=1e-6)
+    out.backward(torch.ones_like(out))
+    pool(b).backward(torch.ones_like(out))
+    torch.testing.assert_close(a.grad, b.grad)

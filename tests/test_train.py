@@ -233,3 +233,12 @@ def test_sample_grids_use_the_averaged_weights_every_n_steps(tmp_path, toy_recip
     assert len(swapped) == 2
     from PIL import Image
     assert Image.open(tmp_path / "samples" / grids[0]).size[0] > 8  # a grid, not one image
+
+
+def test_loader_workers_feed_the_same_batches(tmp_path, toy_recipe):
+    toy_recipe["data"]["n"] = 300
+    toy_recipe["train"].update(iterations=6, checkpoint_every=6, batch_size=32)
+    inline = load_checkpoint(train(_recipe(toy_recipe), default_registry(), tmp_path / "a"))
+    toy_recipe["train"]["num_workers"] = 1
+    workers = load_checkpoint(train(_recipe(toy_recipe), default_registry(), tmp_path / "b"))
+    _assert_identical(inline["model"], workers["model"])

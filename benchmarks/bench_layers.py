@@ -70,12 +70,20 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, ngf=32, size=32, batch=32, repeats=5)
+    p.add_argument("--nchw", action="store_true",
+                   help="run every configuration with the net in NCHW (shows the NCHW-only "
+                        "paths, e.g. CRP's channels_last pooling detour)")
     args = p.parse_args(argv)
     device = common.setup(args)
     common.header("NCSNv2 layer optimisations, one at a time switched off", device,
-                  ngf=args.ngf, size=args.size, batch=args.batch, repeats=args.repeats)
+                  ngf=args.ngf, size=args.size, batch=args.batch, repeats=args.repeats,
+                  layout="NCHW (--nchw)" if args.nchw else "default")
     reg = common.registry()
     net = common.build_ncsnv2(reg, args.ngf, args.size, args.channels, 10, device)
+    changes = dict(CHANGES)
+    if args.nchw:
+        net.layout = "input"
+        del changes["channels_last inside (CPU)"]
     x = torch.rand(args.batch, args.channels, args.size, args.size, device=device)
     sigma = torch.rand(args.batch, device=device) + 0.5
     level = torch.zeros(args.batch, dtype=torch.long, device=device)
@@ -89,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         net.zero_grad(set_to_none=True)
         net(x, sigma, level).backward(grad)
 
-    configs = {"all on": []} | {f"without {k}": v[1] for k, v in CHANGES.items()}
+    configs = {"all on": []} | {f"without {k}": v[1] for k, v in changes.items()}
     fns = {}
     for name, patches in configs.items():
         for kind, fn in (("fwd", forward), ("fwd+bwd", train)):

@@ -277,3 +277,13 @@ def test_crp_pooling_paths_agree(kind, channels_last):
     out.backward(torch.ones_like(out))
     pool(b).backward(torch.ones_like(out))
     torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("kind", ["ncsnv2", "ncsn"])
+def test_no_grad_path_matches_grad_path(kind):
+    """Sampling (no autograd) skips the custom autograd ops; the values are the same."""
+    net = _net(kind)
+    x, sigma, level = _inputs()
+    with torch.no_grad():
+        fast = net(x, sigma, level)
+    torch.testing.assert_close(fast, net(x, sigma, level).detach(), rtol=1e-6, atol=1e-6)

@@ -38,6 +38,9 @@ class ELU(nn.ELU):
     def forward(self, x: Tensor) -> Tensor:
         if self.inplace or torch.compiler.is_compiling():
             return super().forward(x)
+        if not (torch.is_grad_enabled() and x.requires_grad):  # sampling: skip autograd's ctx
+            return _elu_via_exp(x) if self.alpha == 1.0 and x.is_floating_point() \
+                else F.elu(x, self.alpha)
         return _ELUFromOutput.apply(x, self.alpha)
 
 
@@ -81,6 +84,9 @@ def instance_norm_pp(x: Tensor, gamma: Tensor, alpha: Tensor, beta: Tensor) -> T
     """
     if torch.compiler.is_compiling():
         return instance_norm_pp_reference(x, gamma, alpha, beta)
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (x, gamma, alpha, beta)):
+        d, _, _, _, _, scale, shift = _norm_stats(x, gamma, alpha, beta)  # sampling: no ctx
+        return _addcmul_into(shift, d, scale)
     return _InstanceNormPP.apply(x, gamma, alpha, beta)
 
 

@@ -25,24 +25,30 @@ from scoretk.rng import PerSampleNoise
 class CUDAGraphNet(nn.Module):
     """Replays one captured CUDA graph of net(x, sigma, level) for a fixed batch shape.
 
-    Inputs are copied into static buffers, so the sampler's loop runs unchanged; the output is
-    a static buffer too (the sampler only reads it before the next call)."""
+    Captured on the first call, i.e. inside the sampler (and inside the EMA's weight swap, so
+    the graph reads the averaged weights: the swap exchanges the same two storages every
+    batch). Inputs are copied into static buffers, so the sampler's loop runs unchanged; the
+    output is a static buffer too (the sampler reads it before the next call)."""
 
-    def __init__(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, level: torch.Tensor):
+    def __init__(self, net: nn.Module):
         super().__init__()
-        self.net = net
+        self.net, self.graph = net, None
+
+    def _capture(self, x, sigma, level) -> None:
         self.x, self.sigma, self.level = x.clone(), sigma.clone(), level.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad():
+        with torch.cuda.stream(stream):
             for _ in range(3):  # warm-up outside the graph (cuDNN autotuning, allocations)
-                net(self.x, self.sigma, self.level)
+                self.net(self.x, self.sigma, self.level)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.out = net(self.x, self.sigma, self.level)
+        with torch.cuda.graph(self.graph):
+            self.out = self.net(self.x, self.sigma, self.level)
 
     def forward(self, x, sigma, level):
+        if self.graph is None:
+            self._capture(x, sigma, level)
         self.x.copy_(x)
         self.sigma.copy_(sigma)
         self.level.copy_(level)
@@ -65,9 +71,7 @@ def ours(args, reg, device: torch.device, combo: str):
     if "compile" in opts:
         run_net = torch.compile(net)
     if "cuda_graphs" in opts:
-        x = common.layout_input(torch.rand(args.batch, *shape, device=device), opts)
-        sig = torch.ones(args.batch, device=device)
-        run_net = CUDAGraphNet(run_net, x, sig, torch.zeros_like(sig, dtype=torch.long))
+        run_net = CUDAGraphNet(run_net)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if "bf16" in opts \
         else nullcontext
     grad_mode = torch.inference_mode if "inference_mode" in opts else torch.no_grad

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
 
 import common  # noqa: I001  (puts the checkout on sys.path)
 import torch

@@ -12,7 +12,6 @@ steps (+1 denoising step); throughput does not depend on L, so a short schedule 
 from __future__ import annotations
 
 import argparse
-import time
 from contextlib import nullcontext
 
 import common  # noqa: I001  (puts the checkout on sys.path)
@@ -148,38 +147,14 @@ def main(argv: list[str] | None = None) -> dict:
     if "cuda_graphs" not in " ".join(combos) and device.type != "cuda":
         notes.append("cuda_graphs: skipped, no GPU (CUDA graphs are a CUDA option)")
     if ref is not None:
-        name = "reference (ermongroup/ncsnv2)"
-        fns[name], evals[name], n_params["reference"] = reference(args, ref, device)
-        if n_params.get("scoretk") is not None and n_params["reference"] != n_params["scoretk"]:
-            notes.append(f"WARNING: parameter counts differ: scoretk {n_params['scoretk']:,}, "
-                         f"reference {n_params['reference']:,}")
-    print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in n_params.items()))
+        fns[common.REFERENCE], evals[common.REFERENCE], n_params["reference"] = \
+            reference(args, ref, device)
+    common.check_parameters(n_params, notes)
     print(f"network evaluations per batch: {args.levels} levels x {args.steps} steps + 1 "
           f"denoising = {args.levels * args.steps + 1}")
-
-    for name, fn in fns.items():
-        t0 = time.perf_counter()
-        fn()
-        common.sync(device)
-        if "compile" in name:
-            notes.append(f"{name}: first batch (compilation included) took "
-                         f"{time.perf_counter() - t0:.0f} s")
-    times = common.interleaved(fns, args.repeats, device, warmup=0)
-    rate = {k: args.batch * evals[k] / common.median(v) for k, v in times.items()}
-    ref_rate = rate.get("reference (ermongroup/ncsnv2)")
-    eager = rate.get("scoretk eager")
-    rows = []
-    for k, v in times.items():
-        lo, hi = (args.batch * evals[k] / t for t in (max(v), min(v)))
-        rows.append([k, f"{rate[k]:.1f}", f"{lo:.1f}-{hi:.1f}",
-                     f"{common.median(v) / evals[k] * 1e3:.0f}",
-                     f"{rate[k] / eager:.2f}x" if eager else "-",
-                     f"{rate[k] / ref_rate:.2f}x" if ref_rate else "-"])
-    print(common.table(["configuration", "sample-evals/s (median)", "range", "ms/net eval",
-                        "vs scoretk eager", "vs reference"], rows))
-    for n in notes:
-        print("note: " + n)
-    return {"rate": rate, "times": times}
+    return common.compare(fns, {k: args.batch * e for k, e in evals.items()}, evals, device,
+                          args.repeats, rate="sample-evals/s", per_unit="ms/net eval",
+                          digits=1, notes=notes)
 
 
 if __name__ == "__main__":

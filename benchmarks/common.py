@@ -112,6 +112,51 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+REFERENCE = "reference (ermongroup/ncsnv2)"
+
+
+def compare(fns: dict[str, Callable[[], None]], work: dict[str, float], units: dict[str, int],
+            device: torch.device, repeats: int, *, rate: str, per_unit: str, digits: int,
+            notes: list[str]) -> dict:
+    """Warm up, time `fns` interleaved, print the table and the notes.
+
+    work[name]: items one call processes (the rate is work / median seconds); units[name]:
+    how many steps or evaluations one call makes (for the per-unit milliseconds). Each rate
+    is also given as a ratio to "scoretk eager" and to the reference, where they ran.
+    """
+    for name, fn in fns.items():  # warm-up; compiled configurations compile here
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        if "compile" in name:
+            notes.append(f"{name}: first call (compilation included) took "
+                         f"{time.perf_counter() - t0:.0f} s")
+    times = interleaved(fns, repeats, device, warmup=0)
+    rates = {k: work[k] / median(v) for k, v in times.items()}
+    ref, eager = rates.get(REFERENCE), rates.get("scoretk eager")
+    rows = []
+    for k, v in times.items():
+        lo, hi = (work[k] / t for t in (max(v), min(v)))
+        rows.append([k, f"{rates[k]:.{digits}f}", f"{lo:.{digits}f}-{hi:.{digits}f}",
+                     f"{median(v) / units[k] * 1e3:.0f}",
+                     f"{rates[k] / eager:.2f}x" if eager else "-",
+                     f"{rates[k] / ref:.2f}x" if ref else "-"])
+    print(table(["configuration", f"{rate} (median)", "range", per_unit, "vs scoretk eager",
+                 "vs reference"], rows))
+    for n in notes:
+        print("note: " + n)
+    return {"rate": rates, "times": times}
+
+
+def check_parameters(n_params: dict[str, int], notes: list[str]) -> None:
+    """Print both parameter counts; a mismatch means the two nets are not the same."""
+    if "scoretk" in n_params and "reference" in n_params \
+            and n_params["reference"] != n_params["scoretk"]:
+        notes.append(f"WARNING: parameter counts differ: scoretk {n_params['scoretk']:,}, "
+                     f"reference {n_params['reference']:,}")
+    print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in n_params.items()))
+
+
 def table(headers: list[str], rows: list[list[str]]) -> str:
     """A GitHub-markdown table (pastes straight into benchmarks/README.md)."""
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]

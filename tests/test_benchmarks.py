@@ -1,0 +1,50 @@
+"""The benchmark scripts still run against the current code (they call scoretk's training
+step and sampler directly, so a refactor could break them silently). Tiny settings; nothing
+here looks at speed."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def benchmarks():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_sample
+        import bench_train
+        yield bench_train, bench_sample
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+TINY = ["--ngf", "4", "--size", "8", "--batch", "2", "--repeats", "1"]
+
+
+def test_bench_train_times_every_option(benchmarks, capsys):
+    bench_train, _ = benchmarks
+    out = bench_train.main([*TINY, "--levels", "3", "--steps", "1",
+                            "--options", "eager,nchw,channels_last,bf16"])
+    text = capsys.readouterr().out
+    assert set(out["rate"]) == {"scoretk eager", "scoretk nchw", "scoretk channels_last"}
+    assert all(r > 0 for r in out["rate"].values())
+    assert "| scoretk nchw" in text and "bf16: skipped, needs a CUDA device" in text
+    assert "reference: not available" in text
+
+
+def test_bench_sample_counts_network_evaluations(benchmarks, capsys):
+    _, bench_sample = benchmarks
+    out = bench_sample.main([*TINY, "--levels", "2", "--steps", "2", "--options", "eager"])
+    text = capsys.readouterr().out
+    assert "2 levels x 2 steps + 1 denoising = 5" in text
+    assert list(out["rate"]) == ["scoretk eager"] and out["rate"]["scoretk eager"] > 0
+
+
+def test_unknown_option_is_named(benchmarks):
+    bench_train, _ = benchmarks
+    with pytest.raises(SystemExit, match="unknown option.*'fast'"):
+        bench_train.main([*TINY, "--options", "eager,fast"])

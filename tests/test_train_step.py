@@ -47,7 +47,7 @@ def _step(clip):
 
 def test_gradient_norm_is_the_true_norm_and_clipping_applies():
     x = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
-    # loss = mean over the 4 entries of ((w_j - 1) x_ij)^2 -> dloss/dw_j = (w_j - 1) sum_i x_ij^2 / 2
+    # loss = mean of the 4 entries ((w_j - 1) x_ij)^2, so dloss/dw_j = (w_j - 1) sum_i x_ij^2 / 2
     expected_grad = (torch.tensor([0.5, -1.0]) - 1) * (x ** 2).sum(0) / 2
     for clip in (None, 0.5):
         net, opt, avg, step = _step(clip)

@@ -16,7 +16,7 @@ import common  # noqa: I001  (puts the checkout on sys.path)
 import torch
 import torch.nn.functional as F
 
-from scoretk_plugins.nets import layers
+from scoretk_plugins.nets import layers, refinenet
 
 
 def _plain_msf(self, xs, size, level=None):
@@ -25,11 +25,23 @@ def _plain_msf(self, xs, size, level=None):
                for x, norm, conv in zip(xs, self.norms, self.convs))
 
 
+def _plain_norm(x, gamma, alpha, beta, elu_alpha=None):
+    out = layers.instance_norm_pp_reference(x, gamma, alpha, beta)
+    return out if elu_alpha is None else F.elu(out, elu_alpha)
+
+
+def _unfused_norm_act(norm, act, x, level):
+    return act(norm(x, level))
+
+
 CHANGES = {
     # name: (description, patches as (object, attribute, plain replacement))
     "fused InstanceNorm++": (
         "var/mean once, scale+shift in one pass, hand-written backward",
-        [(layers, "instance_norm_pp", layers.instance_norm_pp_reference)]),
+        [(layers, "instance_norm_pp", _plain_norm)]),
+    "InstanceNorm++ and ELU as one op": (
+        "ELU in place on the norm's output, one backward for the pair",
+        [(layers, "norm_act", _unfused_norm_act), (refinenet, "norm_act", _unfused_norm_act)]),
     "fast ELU": (
         "one autograd op: exp forward, backward from the saved output (no exp)",
         [(layers.ELU, "forward", lambda self, x: F.elu(x, self.alpha))]),

@@ -48,3 +48,20 @@ def test_unknown_option_is_named(benchmarks):
     bench_train, _ = benchmarks
     with pytest.raises(SystemExit, match="unknown option.*'fast'"):
         bench_train.main([*TINY, "--options", "eager,fast"])
+
+
+def test_bench_layers_switches_each_change_off_and_back_on(benchmarks, capsys):
+    """The ablation patches the layers' internals; each patch must still apply, and the net
+    must run with the fast paths restored afterwards."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_layers
+    finally:
+        sys.path.remove(str(BENCH))
+    from scoretk_plugins.nets import layers
+    before = (layers.instance_norm_pp, layers.norm_act, layers._pool, layers.ELU.forward)
+    med = bench_layers.main([*TINY])
+    text = capsys.readouterr().out
+    assert ("all on", "fwd+bwd") in med and len(med) == 2 * (1 + len(bench_layers.CHANGES))
+    assert "without InstanceNorm++ and ELU as one op" in text
+    assert (layers.instance_norm_pp, layers.norm_act, layers._pool, layers.ELU.forward) == before

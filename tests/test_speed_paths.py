@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scoretk_plugins.nets import layers
+from scoretk_plugins.nets import layers, refinenet
 from scoretk_plugins.nets.layers import (CRP, ELU, ConvMeanPool, CondInstanceNormPP,
                                          InstanceNormPP, NoNorm, ResidualBlock, instance_norm_pp,
                                          instance_norm_pp_reference)
@@ -115,6 +115,58 @@ def test_norm_modules_use_the_fused_path_and_match():
     level = torch.tensor([0, 2, 1, 2])
     gamma, alpha, beta = cond.embed(level).chunk(3, dim=-1)
     assert_close(cond(x, level), instance_norm_pp_reference(x, gamma, alpha, beta))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_norm_and_elu_match_the_two_ops(channels_last):
+    """norm_act: InstanceNorm++ with the ELU computed in place on its output is the same
+    function as the two modules one after the other: values, and gradients to x and the
+    norm's parameters, with and without autograd."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 6, 5) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for norm, level in ((InstanceNormPP(8), None),
+                        (CondInstanceNormPP(8, 4), torch.tensor([0, 3, 1]))):
+        act = ELU()
+        results = []
+        for fused in (True, False):
+            norm.zero_grad()
+            xs = x.clone().requires_grad_()
+            out = layers.norm_act(norm, act, xs, level) if fused else act(norm(xs, level))
+            # one autograd node for the pair when fused, the ELU's own node otherwise
+            assert type(out.grad_fn).__name__ == ("_InstanceNormPPBackward" if fused
+                                                  else "_ELUFromOutputBackward")
+            out.backward(torch.cos(out.detach()))  # a non-trivial upstream gradient
+            results.append((out.detach(), xs.grad, [p.grad.clone() for p in norm.parameters()]))
+            with torch.no_grad():
+                no_grad = layers.norm_act(norm, act, x, level)
+            torch.testing.assert_close(no_grad, out.detach(), rtol=0, atol=1e-6)
+        (o1, gx1, gp1), (o2, gx2, gp2) = results
+        assert (o1 < 0).any() and (o1 > 0).any()  # both branches of the ELU are exercised
+        assert_close(o1, o2, what="output")
+        assert_close(gx1, gx2, what="grad x")
+        for a, b in zip(gp1, gp2):
+            assert_close(a, b, what="grad of the norm's parameters")
+        if channels_last:
+            assert o1.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fused_norm_and_elu_gradcheck_and_double_backward():
+    x, params = _norm_inputs(B=2, C=3, H=4, W=3, dtype=torch.float64)
+    inputs = (x.requires_grad_(), *(p.requires_grad_() for p in params))
+    fn = lambda *t: instance_norm_pp(*t, elu_alpha=0.7)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_norm_act_leaves_other_pairs_alone():
+    """NoNorm returns its input, which other layers still read: no in-place ELU there."""
+    x = torch.randn(2, 3, 4, 4)
+    kept = x.clone()
+    out = layers.norm_act(NoNorm(), ELU(), x, None)
+    assert torch.equal(x, kept)
+    torch.testing.assert_close(out, F.elu(kept))
 
 
 # ------------------------------------------------------------------ ELU
@@ -219,14 +271,18 @@ def test_layouts_agree_with_nchw(kind):
 
 
 def test_fast_layers_agree_with_plain_formulas(monkeypatch):
-    """Swap every fast path for its plain form (formula norm, torch's ELU, conv + mean pool,
-    NCHW) and compare the whole net, outputs and gradients."""
+    """Swap every fast path for its plain form (formula norm, torch's ELU, separate norm and
+    ELU, conv + mean pool, NCHW) and compare the whole net, outputs and gradients."""
     net = _net("ncsnv2")
     x, sigma, level = _inputs()
     fast = _run(net, x, sigma, level)
     plain_net = copy.deepcopy(net)
     plain_net.layout = "input"
-    monkeypatch.setattr(layers, "instance_norm_pp", instance_norm_pp_reference)
+    monkeypatch.setattr(layers, "instance_norm_pp",
+                        lambda *t, elu_alpha=None: instance_norm_pp_reference(*t))
+    unfused = lambda norm, act, t, level: act(norm(t, level))  # noqa: E731
+    monkeypatch.setattr(layers, "norm_act", unfused)
+    monkeypatch.setattr(refinenet, "norm_act", unfused)
     monkeypatch.setattr(ELU, "forward", lambda self, t: F.elu(t, self.alpha))
     monkeypatch.setattr(ConvMeanPool, "forward", lambda self, t: F.avg_pool2d(self.conv(t), 2))
     monkeypatch.setattr(layers, "_pool", lambda pool, t: pool(t))

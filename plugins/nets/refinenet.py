@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from scoretk.components import ScoreNet
 from scoretk.registry import Params
 
-from .layers import ELU, CondInstanceNormPP, InstanceNormPP, NoNorm, RefineBlock, ResidualBlock
+from .layers import (ELU, CondInstanceNormPP, InstanceNormPP, NoNorm, RefineBlock,
+                     ResidualBlock, norm_act)
 
 
 class Stage(NamedTuple):
@@ -104,7 +105,7 @@ class RefineNet(ScoreNet):
         h = None
         for skip, refine in zip(reversed(skips), self.decoder):
             h = refine([skip] if h is None else [skip, h], skip.shape[-2:], cond)
-        out = self.end(self.act(self.norm(h, cond)))
+        out = self.end(norm_act(self.norm, self.act, h, cond))
         if not self.conditional:
             out = out / sigma.to(out.dtype).view(-1, *(1,) * (out.ndim - 1))
         return out.contiguous(memory_format=in_fmt) if fmt is not None else out

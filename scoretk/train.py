@@ -268,8 +268,8 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
 
 def make_optimiser(net: nn.Module, optim: OptimConfig) -> torch.optim.Adam:
     """Adam with the recipe's settings, fused into one kernel over all parameters where torch
-    has one for them (CPU and CUDA floats): ~1.08x a whole training step of the quick-start
-    net, whose step is otherwise dominated by per-parameter overhead."""
+    has one for them (CPU and CUDA floats). Small nets feel the per-parameter overhead most:
+    with TrainStep's unclipped norm, a quick-start training step runs 1.08x faster."""
     params = list(net.parameters())
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
                                  for p in params)

@@ -16,7 +16,7 @@ import common  # noqa: I001  (puts the checkout on sys.path)
 import torch
 import torch.nn.functional as F
 
-from scoretk_plugins.nets import layers, refinenet
+from scoretk_plugins.nets import layers, ops, refinenet
 
 
 def _plain_msf(self, xs, size, level=None):
@@ -26,7 +26,7 @@ def _plain_msf(self, xs, size, level=None):
 
 
 def _plain_norm(x, gamma, alpha, beta, elu_alpha=None):
-    out = layers.instance_norm_pp_reference(x, gamma, alpha, beta)
+    out = ops.instance_norm_pp_reference(x, gamma, alpha, beta)
     return out if elu_alpha is None else F.elu(out, elu_alpha)
 
 
@@ -47,7 +47,7 @@ CHANGES = {
         [(layers.ELU, "forward", lambda self, x: F.elu(x, self.alpha))]),
     "ELU forward via exp": (
         "just the forward part: max(exp(min(x,0)) - 1, x) instead of expm1",
-        [(layers, "_elu_via_exp", lambda x: F.elu(x))]),
+        [(ops, "_elu_via_exp", lambda x: F.elu(x))]),
     "stride-2 ConvMeanPool": (
         "conv + 2x2 mean pool as one stride-2 conv",
         [(layers.ConvMeanPool, "forward", lambda self, x: F.avg_pool2d(self.conv(x), 2))]),

@@ -65,3 +65,36 @@ def test_bench_layers_switches_each_change_off_and_back_on(benchmarks, capsys):
     assert ("all on", "fwd+bwd") in med and len(med) == 2 * (1 + len(bench_layers.CHANGES))
     assert "without InstanceNorm++ and ELU as one op" in text
     assert (layers.instance_norm_pp, layers.norm_act, layers._pool, layers.ELU.forward) == before
+
+
+def test_every_ablation_patch_is_reached(benchmarks):
+    """Each "without X" row must really run X's plain form: a patch whose target the net no
+    longer calls (after a refactor) would time the fast path twice and report no gain."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_layers
+    finally:
+        sys.path.remove(str(BENCH))
+    import torch
+
+    from scoretk.plugins import default_registry
+    net = default_registry().build("net", {"kind": "ncsnv2", "ngf": 4}, shape=(3, 8, 8),
+                                   num_levels=3)
+    x, sigma, level = torch.rand(2, 3, 8, 8), torch.ones(2), torch.zeros(2, dtype=torch.long)
+    for name, (_, patches) in bench_layers.CHANGES.items():
+        calls = []
+
+        def counted(plain):
+            def wrapper(*args, **kwargs):
+                calls.append(1)
+                return plain(*args, **kwargs)
+            return wrapper
+
+        counted_patches = [(obj, attr, counted(value) if callable(value) else value)
+                           for obj, attr, value in patches]
+        with bench_layers.patched(net, counted_patches):
+            net(x, sigma, level).sum().backward()
+            with torch.no_grad():
+                net(x, sigma, level)
+        if all(obj != "net" for obj, _, _ in patches):
+            assert calls, f"ablation {name!r}: its plain form was never called"

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from scoretk_plugins.nets import layers, refinenet
 from scoretk_plugins.nets.layers import (CRP, ELU, ConvMeanPool, CondInstanceNormPP,
-                                         InstanceNormPP, NoNorm, ResidualBlock, instance_norm_pp,
-                                         instance_norm_pp_reference)
+                                         InstanceNormPP, NoNorm, ResidualBlock)
+from scoretk_plugins.nets.ops import instance_norm_pp, instance_norm_pp_reference
 from scoretk_plugins.nets.refinenet import STAGES, RefineNet
 
 RTOL = 1e-4

@@ -1,6 +1,7 @@
 """The training engine: exact resume, crash-safe checkpoints, NaN stop, signals, torchrun."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -264,3 +265,31 @@ def test_channels_last_training_follows_the_nchw_run(tmp_path, toy_recipe):
     for name, a in plain["model"].items():
         assert torch.allclose(a, fast["model"][name], rtol=1e-4, atol=1e-6), name
     assert plain["step"] == fast["step"] == 3
+
+
+def test_tensorboard_gets_the_logged_scalars_when_installed(tmp_path, toy_recipe, monkeypatch):
+    """tensorboard is optional: when `torch.utils.tensorboard` imports, the run writes the
+    same scalars as metrics.jsonl into <run>/tensorboard (a stand-in writer records them)."""
+    written, closed = [], []
+
+    class FakeWriter:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, value, step, self.log_dir))
+
+        def close(self):
+            closed.append(True)
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard",
+                        types.SimpleNamespace(SummaryWriter=FakeWriter))
+    toy_recipe["train"].update(iterations=10, log_every=5, checkpoint_every=10)
+    train(_recipe(toy_recipe), default_registry(), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 10]
+    for tag in ("train/loss", "train/grad_norm", "train/items_per_s"):
+        logged = [(v, s) for t, v, s, _ in written if t == tag]
+        key = tag.removeprefix("train/")
+        assert logged == [(r[key], r["step"]) for r in records]
+    assert all(d == str(tmp_path / "tensorboard") for *_, d in written) and closed == [True]

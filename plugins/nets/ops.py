@@ -113,7 +113,8 @@ def instance_norm_pp_reference(x: Tensor, gamma: Tensor, alpha: Tensor, beta: Te
 
 
 def _norm_stats(x: Tensor, gamma: Tensor, alpha: Tensor, beta: Tensor):
-    """(x - mu, mu, 1/s, normalised channel means, 1/v, scale, shift), all but the first (B, C, 1, 1)."""
+    """(x - mu, mu, 1/s, normalised channel means, 1/v, scale, shift); all but the first are
+    (B, C, 1, 1)."""
     mu = x.mean(dim=(2, 3), keepdim=True)
     d = x - mu
     var = torch.mul(d, d).mean(dim=(2, 3), keepdim=True)  # two-pass: no cancellation

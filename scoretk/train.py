@@ -7,28 +7,29 @@ bad is written; SIGINT/SIGTERM finish the step, write a checkpoint and exit.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm import tqdm
 
 import scoretk
 from scoretk import assemble
 from scoretk.checkpoint import RunDir, atomic_write_text, load_checkpoint
-from scoretk.components import Averager, Dataset, Loss, Schedule
+from scoretk.components import Dataset
 from scoretk.data import augment
 from scoretk.distributed import pick_device, setup_distributed
-from scoretk.recipe import OptimConfig, Recipe, RecipeError
+from scoretk.recipe import Recipe, RecipeError
 from scoretk.registry import Registry
 from scoretk.rng import PerSampleNoise, derive_seed, generator
+from scoretk.step import TrainStep, make_optimiser
+from scoretk.train_log import LogWindow, open_tensorboard, write_record
 
 
 class TrainingError(Exception):
@@ -196,7 +197,7 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
 
     order = StepBatches(len(data), cfg.batch_size, cfg.seed, dist.rank, dist.world)
     num_levels = schedule.num_levels
-    window = _Window(num_levels, device)
+    window = LogWindow(num_levels, device)
     last_ckpt = run.latest()
     if dist.is_main:
         print(f"scoretk train: {recipe.name} | run {run.path} | device {device} | "
@@ -205,7 +206,7 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
               + (f" | resuming at step {step}" if step else ""), file=sys.stderr)
     bar = tqdm(total=cfg.iterations, initial=step, disable=not dist.is_main, unit="step",
                dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
-    writer = _tensorboard(run) if dist.is_main else None
+    writer = open_tensorboard(run) if dist.is_main else None
     deadline = time.monotonic() + 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
 
     with _stop_requests() as stop:
@@ -239,7 +240,7 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
                 record = window.flush(step)
                 bar.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{record['items_per_s']:.0f}")
                 if dist.is_main:
-                    _log(run, record, writer)
+                    write_record(run, record, writer)
             if dist.is_main and cfg.sample_every and step % cfg.sample_every == 0:
                 _sample_grid(model, net, averager, run, step, cfg, device)
             if saving:
@@ -266,62 +267,6 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
     return Path(last_ckpt) if last_ckpt is not None else run.latest()
 
 
-def make_optimiser(net: nn.Module, optim: OptimConfig) -> torch.optim.Adam:
-    """Adam with the recipe's settings, fused into one kernel over all parameters where torch
-    has one for them (CPU and CUDA floats). Small nets feel the per-parameter overhead most:
-    with TrainStep's unclipped norm, a quick-start training step runs 1.08x faster."""
-    params = list(net.parameters())
-    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
-                                 for p in params)
-    return torch.optim.Adam(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                            weight_decay=optim.weight_decay, **({"fused": True} if fused else {}))
-
-
-class TrainStep:
-    """One optimisation step: loss, backward, gradient norm (clipped if configured), Adam,
-    averager. `train` runs it, and `benchmarks/bench_train.py` times this same object, so the
-    benchmark measures the loop users run.
-
-    Finiteness is tracked on the device (`first_bad`), so a step never waits for the host;
-    the loop asks only before it logs or saves.
-    """
-
-    def __init__(self, net: nn.Module, train_net: nn.Module, loss_fn: Loss, schedule: Schedule,
-                 optimiser: torch.optim.Optimizer, averager: Averager, *,
-                 clip: float | None = None, bf16: bool = False):
-        self.net, self.train_net, self.loss_fn, self.schedule = net, train_net, loss_fn, schedule
-        self.optimiser, self.averager, self.clip = optimiser, averager, clip
-        self.params = [p for p in net.parameters() if p.requires_grad]
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 \
-            else nullcontext
-        device = self.params[0].device if self.params else torch.device("cpu")
-        self._first_bad = torch.full((), -1, dtype=torch.long, device=device)
-
-    def __call__(self, x: Tensor, generator: torch.Generator | None,
-                 step: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """(loss, gradient norm, loss stats) of step `step`, all detached, on the device."""
-        with self.autocast():
-            loss, stats = self.loss_fn(self.train_net, x, self.schedule, generator)
-        self.optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.clip is None:  # measure only: skips clip_grad_norm_'s multiply by 1.0
-            grad_norm = nn.utils.get_total_norm([p.grad for p in self.params
-                                                 if p.grad is not None])
-        else:
-            grad_norm = nn.utils.clip_grad_norm_(self.params, self.clip)
-        loss = loss.detach()
-        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-        bad = self._first_bad
-        self._first_bad = torch.where((bad < 0) & ~finite, torch.full_like(bad, step + 1), bad)
-        self.optimiser.step()
-        self.averager.update(self.net)
-        return loss, grad_norm.detach(), stats
-
-    def first_bad(self) -> int:
-        """1 + the first step whose loss or gradient was not finite, or -1 (a host sync)."""
-        return int(self._first_bad.item())
-
-
 def _rng_state() -> dict:
     """Global RNG states: scoretk draws from per-step generators, but a plugin's net may use
     the global RNG (dropout), and a resumed run must see the same numbers."""
@@ -341,62 +286,6 @@ def _set_rng_state(state: dict) -> None:
 
 def _ckpt_step(path: Path) -> int:
     return int(Path(path).stem.split("-")[1])
-
-
-class _Window:
-    """Running sums over a logging window, kept on the device: no per-step host sync."""
-
-    def __init__(self, num_levels: int, device: torch.device):
-        self.num_levels, self.device = num_levels, device
-        self.reset()
-
-    def reset(self) -> None:
-        zeros = lambda *s: torch.zeros(*s, device=self.device, dtype=torch.float64)  # noqa: E731
-        self.loss, self.grad, self.n = zeros(()), zeros(()), 0
-        self.level_sum, self.level_count = zeros(self.num_levels), zeros(self.num_levels)
-        self.items, self.t0 = 0, time.perf_counter()
-
-    def add(self, loss, grad_norm, stats: dict, items: int) -> None:
-        self.loss += loss.double()
-        self.grad += grad_norm.double()
-        self.n += 1
-        self.items += items
-        if "level_loss_sum" in stats:
-            self.level_sum += stats["level_loss_sum"].detach().double()
-            self.level_count += stats["level_count"].detach().double()
-
-    def flush(self, step: int) -> dict:
-        elapsed = time.perf_counter() - self.t0
-        per_level = (self.level_sum / self.level_count.clamp(min=1)).cpu()
-        counts = self.level_count.cpu()
-        # Four bands of levels, largest sigmas first: a compact view of where the loss sits.
-        bands = {}
-        for i, chunk in enumerate(torch.arange(self.num_levels).chunk(4)):
-            seen = counts[chunk] > 0
-            if seen.any():
-                bands[f"levels_{int(chunk[0])}-{int(chunk[-1])}"] = float(per_level[chunk][seen].mean())
-        record = {"step": step, "loss": float(self.loss / max(self.n, 1)),
-                  "grad_norm": float(self.grad / max(self.n, 1)),
-                  "items_per_s": self.items / max(elapsed, 1e-9), "level_loss": bands,
-                  "time": time.time()}
-        self.reset()
-        return record
-
-
-def _log(run: RunDir, record: dict, writer) -> None:
-    with open(run.metrics, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    if writer is not None:
-        for key in ("loss", "grad_norm", "items_per_s"):
-            writer.add_scalar(f"train/{key}", record[key], record["step"])
-
-
-def _tensorboard(run: RunDir):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(run.path / "tensorboard"))
 
 
 def _sample_grid(model: assemble.Model, net: nn.Module, averager, run: RunDir, step: int,

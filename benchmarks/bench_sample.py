@@ -18,6 +18,7 @@ import common  # noqa: I001  (puts the checkout on sys.path)
 import torch
 from torch import nn
 
+from scoretk.assemble import count_parameters
 from scoretk.rng import PerSampleNoise
 
 
@@ -84,7 +85,7 @@ def ours(args, reg, device: torch.device, combo: str):
             x = sampler.sample(run_net, schedule, shape, noise, device=device)
         x.float().cpu()  # what the writer does with a finished batch
 
-    return run, sampler.evaluations_per_sample(schedule), common.count_parameters(net)
+    return run, sampler.evaluations_per_sample(schedule), count_parameters(net)
 
 
 def reference(args, ref: common.Reference, device: torch.device):
@@ -106,7 +107,7 @@ def reference(args, ref: common.Reference, device: torch.device):
                            verbose=False, denoise=True)
         out[-1].float()
 
-    return run, args.levels * args.steps + 1, common.count_parameters(score)
+    return run, args.levels * args.steps + 1, count_parameters(score)
 
 
 def main(argv: list[str] | None = None) -> dict:

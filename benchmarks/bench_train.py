@@ -13,6 +13,7 @@ import common  # noqa: I001  (puts the checkout on sys.path)
 import torch
 from torch import nn
 
+from scoretk.assemble import count_parameters
 from scoretk.recipe import OptimConfig
 from scoretk.rng import derive_seed, generator
 from scoretk.step import TrainStep, make_optimiser
@@ -43,7 +44,7 @@ def ours(args, reg, device: torch.device, combo: str):
             train_step(x, generator(derive_seed(args.seed, "step", step, 0), device), step)
             state["step"] = step + 1
 
-    return run, common.count_parameters(net)
+    return run, count_parameters(net)
 
 
 def reference(args, ref: common.Reference, device: torch.device):
@@ -69,7 +70,7 @@ def reference(args, ref: common.Reference, device: torch.device):
             optimiser.step()
             ema.update(score)
 
-    return run, common.count_parameters(score)
+    return run, count_parameters(score)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -184,10 +184,6 @@ def build_schedule(reg, sigma_max: float, sigma_min: float, num_levels: int):
                                   "sigma_min": sigma_min, "num_levels": num_levels})
 
 
-def count_parameters(net: torch.nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
-
-
 def apply_layout(net: torch.nn.Module, opts: set[str]) -> torch.nn.Module:
     """'channels_last': weights to channels_last; 'nchw': make the RefineNet run in the input's
     (NCHW) layout instead of its CPU default, channels_last."""

@@ -117,21 +117,22 @@ class RunDir:
             target = self.checkpoints / self.latest_pointer.read_text().strip()
             if target.is_file():
                 return target
-        found = sorted(self.checkpoints.glob("ckpt-*.pt"), key=_step_of)
+        found = sorted(self.checkpoints.glob("ckpt-*.pt"), key=checkpoint_step)
         return found[-1] if found else None
 
     def save(self, state: dict[str, Any], step: int, keep: int) -> Path:
         path = self.checkpoints / f"ckpt-{step:08d}.pt"
         save_checkpoint(state, path)
         atomic_write_text(self.latest_pointer, path.name + "\n")
-        for old in sorted(self.checkpoints.glob("ckpt-*.pt"), key=_step_of)[:-keep]:
+        for old in sorted(self.checkpoints.glob("ckpt-*.pt"), key=checkpoint_step)[:-keep]:
             old.unlink(missing_ok=True)
         return path
 
 
-def _step_of(path: Path) -> int:
+def checkpoint_step(path: str | Path) -> int:
+    """The step in a checkpoint's name (ckpt-<step>.pt), or -1 for another name."""
     try:
-        return int(path.stem.split("-")[1])
+        return int(Path(path).stem.split("-")[1])
     except (IndexError, ValueError):
         return -1
 

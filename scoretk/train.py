@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import scoretk
 from scoretk import assemble
-from scoretk.checkpoint import RunDir, atomic_write_text, load_checkpoint
+from scoretk.checkpoint import RunDir, atomic_write_text, checkpoint_step, load_checkpoint
 from scoretk.components import Dataset
 from scoretk.data import augment
 from scoretk.distributed import pick_device, setup_distributed
@@ -257,7 +257,7 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
                           "run the same command again to continue", file=sys.stderr)
                 break
     bar.close()
-    if dist.is_main and (last_ckpt is None or _ckpt_step(last_ckpt) < step):
+    if dist.is_main and (last_ckpt is None or checkpoint_step(last_ckpt) < step):
         last_ckpt = checkpoint(step)
     if writer is not None:
         writer.close()
@@ -282,10 +282,6 @@ def _set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available() and \
             len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _ckpt_step(path: Path) -> int:
-    return int(Path(path).stem.split("-")[1])
 
 
 def _sample_grid(model: assemble.Model, net: nn.Module, averager, run: RunDir, step: int,

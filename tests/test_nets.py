@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import scoretk_plugins.nets as nets_plugin
+from scoretk.assemble import count_parameters
 from scoretk.components import ScoreNet
 from scoretk.plugins import PluginRegistrar, load_plugins
 from scoretk.registry import Registry
@@ -27,12 +28,8 @@ def build(registry: Registry, kind: str, shape, num_levels: int = 10, device=Non
                               num_levels=num_levels)
 
 
-def count(net: torch.nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
-
-
 def meta_count(registry, kind, shape, num_levels=10, **params) -> int:
-    return count(build(registry, kind, shape, num_levels, device="meta", **params))
+    return count_parameters(build(registry, kind, shape, num_levels, device="meta", **params))
 
 
 # ------------------------------------------------------------------ sizes (docs/ncsn.md table)
@@ -94,7 +91,7 @@ def test_norm_init():
     assert abs(ga.mean() - 1) < 0.002 and abs(ga.std() - 0.02) < 0.002
     assert torch.all(w[:, 2 * C:] == 0)
     plain = InstanceNormPP(C)
-    assert count(plain) == 3 * C and torch.all(plain.beta == 0)
+    assert count_parameters(plain) == 3 * C and torch.all(plain.beta == 0)
     assert abs(plain.gamma.mean() - 1) < 0.01 and abs(plain.alpha.std() - 0.02) < 0.01
 
 

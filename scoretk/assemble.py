@@ -32,7 +32,8 @@ def build_data(recipe: Recipe, registry: Registry) -> Dataset:
 def data_shape(recipe: Recipe) -> tuple[int, ...] | None:
     """Item shape from the data params alone, if the dataset plugin can tell."""
     fn = getattr(recipe.data.params, "item_shape", None)
-    return tuple(fn()) if callable(fn) and fn() is not None else None
+    shape = fn() if callable(fn) else None
+    return tuple(shape) if shape is not None else None
 
 
 def resolve(recipe: Recipe, data: Dataset | None) -> Recipe:
@@ -55,11 +56,18 @@ def needs_data(recipe: Recipe) -> list[str]:
     return out
 
 
+def build_schedule(recipe: Recipe, registry: Registry) -> Schedule:
+    return _build(recipe, registry, "schedule")
+
+
+def build_sampler(recipe: Recipe, registry: Registry) -> Sampler:
+    return _build(recipe, registry, "sampler")
+
+
 def build_model(recipe: Recipe, registry: Registry, shape: tuple[int, ...]) -> Model:
-    schedule = _build(recipe, registry, "schedule")
+    schedule = build_schedule(recipe, registry)
     net = _build(recipe, registry, "net", shape=tuple(shape), num_levels=schedule.num_levels)
-    sampler = _build(recipe, registry, "sampler")
-    return Model(schedule, net, sampler, tuple(shape))
+    return Model(schedule, net, build_sampler(recipe, registry), tuple(shape))
 
 
 def build_loss(recipe: Recipe, registry: Registry) -> Loss:

@@ -20,8 +20,8 @@ def summarise(recipe: Recipe, registry: Registry) -> dict[str, Any]:
     if pending:
         out["resolved from the data"] = ", ".join(pending) + " (see `scoretk plan`)"
         return out
-    schedule = registry.get("schedule", recipe.schedule.kind).build(recipe.schedule.params)
-    sampler = registry.get("sampler", recipe.sampler.kind).build(recipe.sampler.params)
+    schedule = assemble.build_schedule(recipe, registry)
+    sampler = assemble.build_sampler(recipe, registry)
     sig = schedule.sigmas
     out["noise levels"] = f"{schedule.num_levels} (sigma {sig[0].item():.4g} -> {sig[-1].item():.4g})"
     if shape:
@@ -39,8 +39,8 @@ def plan_recipe(recipe: Recipe, registry: Registry) -> tuple[Recipe, list[str]]:
     """Resolve data-driven settings (NCSNv2 techniques 1, 2 and 4) and say what they are."""
     data = assemble.build_data(recipe, registry)
     planned = assemble.resolve(recipe, data)
-    schedule = registry.get("schedule", planned.schedule.kind).build(planned.schedule.params)
-    sampler = registry.get("sampler", planned.sampler.kind).build(planned.sampler.params)
+    schedule = assemble.build_schedule(planned, registry)
+    sampler = assemble.build_sampler(planned, registry)
     settings = sampler.settings(schedule)
     sig = schedule.sigmas
     auto = set(assemble.needs_data(recipe))

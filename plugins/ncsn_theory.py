@@ -110,7 +110,7 @@ def solve_eps(T: int, sigma_min: float, gamma: float) -> tuple[float, float]:
     u = torch.logspace(-12, math.log10(2), 4001, dtype=torch.float64)[:-1]
     err = (prop3_ratio(u * sigma_min**2, T, sigma_min, gamma) - 1).abs()
     k = int(err.argmin())
-    lo, hi = float(u[max(k - 1, 0)]) if k > 0 else 0.0, float(u[min(k + 1, len(u) - 1)])
+    lo, hi = float(u[k - 1]) if k > 0 else 0.0, float(u[min(k + 1, len(u) - 1)])
     g = (math.sqrt(5) - 1) / 2
     a, b = hi - g * (hi - lo), lo + g * (hi - lo)
     for _ in range(200):

@@ -69,6 +69,9 @@ def _load(recipe_path: str, overrides: tuple[str, ...]):
     return load_recipe(recipe_path, _registry(), overrides)
 
 
+recipe_argument = click.argument("recipe_path", metavar="RECIPE",
+                                 type=click.Path(dir_okay=False))
+
 override_option = click.option(
     "-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE",
     help="Override a recipe field, e.g. -o train.iterations=100 (value parsed as YAML).")
@@ -84,17 +87,19 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 @main.command()
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@recipe_argument
 @override_option
 @click.option("--restart", is_flag=True, help="Start over even if the run has checkpoints.")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Default: runs/<recipe name>.")
 @friendly_errors
-def train(recipe: str, overrides: tuple[str, ...], restart: bool, run_dir: str | None) -> None:
+def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
+          run_dir: str | None) -> None:
     """Train the recipe; resumes its run directory's latest checkpoint unless --restart."""
     from scoretk.train import Interrupted, TrainingError, train as run_training
 
     try:
-        run_training(_load(recipe, overrides), _registry(), run_dir=run_dir, restart=restart)
+        run_training(_load(recipe_path, overrides), _registry(), run_dir=run_dir,
+                     restart=restart)
     except Interrupted as exc:
         click.echo(f"\n{exc}", err=True)
         sys.exit(130)
@@ -166,7 +171,7 @@ def recipe() -> None:
 
 
 @recipe.command("validate")
-@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+@recipe_argument
 @override_option
 @friendly_errors
 def recipe_validate(recipe_path: str, overrides: tuple[str, ...]) -> None:
@@ -176,7 +181,7 @@ def recipe_validate(recipe_path: str, overrides: tuple[str, ...]) -> None:
 
 
 @recipe.command("show")
-@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+@recipe_argument
 @override_option
 @friendly_errors
 def recipe_show(recipe_path: str, overrides: tuple[str, ...]) -> None:
@@ -191,7 +196,7 @@ def recipe_show(recipe_path: str, overrides: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+@recipe_argument
 @override_option
 @click.option("--write", "write_to", type=click.Path(dir_okay=False),
               help="Write a copy of the recipe with the planned values filled in.")

@@ -62,8 +62,7 @@ class Registry:
 
         A name taken by another plugin is an error naming both, never a silent override.
         """
-        if kind not in KINDS:
-            raise RegistryError(f"unknown component kind {kind!r}; kinds are: {', '.join(KINDS)}")
+        _check_kind(kind)
         if not name or not name.replace("_", "").replace("-", "").isalnum():
             raise RegistryError(f"invalid {kind} name {name!r}: use letters, digits, '_' or '-'")
         taken = self._entries[kind].get(name)
@@ -75,8 +74,7 @@ class Registry:
         return comp
 
     def get(self, kind: str, name: str) -> Component:
-        if kind not in KINDS:
-            raise RegistryError(f"unknown component kind {kind!r}; kinds are: {', '.join(KINDS)}")
+        _check_kind(kind)
         try:
             return self._entries[kind][name]
         except KeyError:
@@ -98,6 +96,11 @@ class Registry:
         """Build from a recipe-style block: {'kind': name, **params}."""
         spec = dict(spec)
         return self.get(kind, spec.pop("kind")).build(spec, **context)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise RegistryError(f"unknown component kind {kind!r}; kinds are: {', '.join(KINDS)}")
 
 
 def unknown_name_message(kind: str, name: str, known: list[str]) -> str:

@@ -7,6 +7,7 @@ purely unconditional s'(x)/sigma is too weak there.
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -56,9 +57,7 @@ class ScoreMLP(ScoreNet):
 
 def build_mlp(params: MLPParams, *, shape: tuple[int, ...], num_levels: int) -> ScoreMLP:
     """Factory for the 'mlp' net; `num_levels` is unused (the net reads sigma)."""
-    dim = 1
-    for n in shape:
-        dim *= n
+    dim = math.prod(shape)
     if dim < 1:
         raise ValueError(f"net 'mlp' needs a non-empty item shape, got {tuple(shape)}")
     return ScoreMLP(dim, params.hidden, params.depth, params.activation, params.sigma_input)

@@ -1,5 +1,6 @@
-"""Shared fixtures: a small valid recipe, and the example third-party plugins pip-installed
-into a private site directory (entry points are found on sys.path, as for any install)."""
+"""Shared fixtures and helpers: a small valid recipe, one-plugin registries, a one-thread
+fixture, and the example third-party plugins pip-installed into a private site directory
+(entry points are found on sys.path, as for any install)."""
 from __future__ import annotations
 
 import copy
@@ -11,6 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from scoretk.plugins import PluginRegistrar
+from scoretk.registry import Registry
 
 TESTS = Path(__file__).parent
 PLUGIN_PACKAGES = [TESTS / "plugins" / "scoretk_hello", TESTS / "plugins" / "scoretk_broken"]
@@ -28,6 +32,25 @@ TOY_RECIPE = {
               "log_every": 5},
     "sample": {"num_samples": 16, "batch_size": 8},
 }
+
+
+def registry_of(plugin_module, name: str = "test") -> Registry:
+    """A registry holding only what one plugin module registers (no entry points)."""
+    registry = Registry()
+    plugin_module.scoretk_register(registry=PluginRegistrar(registry, name))
+    return registry
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For in-process loops of many tiny kernels: a second intra-op thread only adds
+    spin-wait, and on a shared 2-core machine it made them 5-10x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -6,15 +6,13 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from scoretk.plugins import PluginRegistrar
-from scoretk.registry import Registry
 from scoretk_plugins import averagers
+
+from conftest import registry_of
 
 
 def build(model, **spec):
-    r = Registry()
-    averagers.scoretk_register(registry=PluginRegistrar(r, "x"))
-    return r.build("averager", spec, model=model)
+    return registry_of(averagers).build("averager", spec, model=model)
 
 
 def make_model():

@@ -14,15 +14,14 @@ from pydantic import ValidationError
 
 import scoretk_plugins.datasets as mod
 from scoretk.data import DataError
-from scoretk.plugins import PluginRegistrar
 from scoretk.registry import Registry
+
+from conftest import registry_of
 
 
 @pytest.fixture(scope="module")
 def registry() -> Registry:
-    r = Registry()
-    mod.scoretk_register(registry=PluginRegistrar(r, "datasets"))
-    return r
+    return registry_of(mod, "datasets")
 
 
 def build(registry: Registry, **spec):

@@ -13,10 +13,10 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from scoretk.plugins import PluginRegistrar
-from scoretk.registry import Registry
 from scoretk_plugins import losses
 from scoretk_plugins.schedules import GeometricSchedule
+
+from conftest import registry_of
 
 D, B = 4, 200_000
 
@@ -33,9 +33,7 @@ class GaussScore(nn.Module):
 
 
 def build(**params):
-    r = Registry()
-    losses.scoretk_register(registry=PluginRegistrar(r, "x"))
-    return r.build("loss", {"kind": "dsm", **params})
+    return registry_of(losses).build("loss", {"kind": "dsm", **params})
 
 
 @pytest.fixture(scope="module")

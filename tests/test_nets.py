@@ -8,18 +8,18 @@ import torch
 import scoretk_plugins.nets as nets_plugin
 from scoretk.assemble import count_parameters
 from scoretk.components import ScoreNet
-from scoretk.plugins import PluginRegistrar, load_plugins
+from scoretk.plugins import load_plugins
 from scoretk.registry import Registry
 from scoretk_plugins.nets.layers import CondInstanceNormPP, InstanceNormPP
+
+from conftest import registry_of
 
 NAMES = ["ncsn", "ncsnv2", "ncsnv2_deeper", "ncsnv2_deepest", "convnet", "mlp"]
 
 
 @pytest.fixture(scope="module")
 def registry() -> Registry:
-    reg = Registry()
-    nets_plugin.scoretk_register(registry=PluginRegistrar(reg, "nets"))
-    return reg
+    return registry_of(nets_plugin, "nets")
 
 
 def build(registry: Registry, kind: str, shape, num_levels: int = 10, device=None, **params):

@@ -57,13 +57,7 @@ def make_checkpoint(path: Path, raw: dict, shape: tuple[int, ...]) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process runs: see ONE_THREAD."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process runs (conftest); see ONE_THREAD
 
 
 @pytest.fixture(scope="module")

@@ -7,27 +7,19 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from scoretk.plugins import PluginRegistrar
-from scoretk.registry import Registry
 from scoretk.rng import BatchNoise, PerSampleNoise
 from scoretk_plugins import ncsn_theory as th
 from scoretk_plugins import samplers
 from scoretk_plugins.schedules import GeometricSchedule
 
+from conftest import registry_of
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These loops run thousands of tiny kernels: a second intra-op thread only adds spin-wait,
-    and on a shared 2-core machine it made them 5-10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # thousands of tiny kernels (conftest)
 
 
 def build(**params):
-    r = Registry()
-    samplers.scoretk_register(registry=PluginRegistrar(r, "x"))
+    r = registry_of(samplers)
     return r.build("sampler", {"kind": "annealed_langevin", **params})
 
 

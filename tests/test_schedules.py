@@ -6,10 +6,10 @@ import torch
 from pydantic import ValidationError
 
 from scoretk.components import Dataset
-from scoretk.plugins import PluginRegistrar
-from scoretk.registry import Registry
 from scoretk_plugins import ncsn_theory as th
 from scoretk_plugins import schedules
+
+from conftest import registry_of
 
 
 class Tensors(Dataset):
@@ -29,9 +29,7 @@ class Tensors(Dataset):
 
 @pytest.fixture
 def registry():
-    r = Registry()
-    schedules.scoretk_register(registry=PluginRegistrar(r, "x"))
-    return r
+    return registry_of(schedules)
 
 
 def test_explicit(registry):

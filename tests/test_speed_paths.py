@@ -24,7 +24,7 @@ RTOL = 1e-4
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
@@ -232,7 +232,7 @@ def _run(net, x, sigma, level):
     x = x.clone().requires_grad_()
     net.zero_grad(set_to_none=True)
     out = net(x, sigma, level)
-    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    (out * torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)).sum().backward()
     grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in net.named_parameters()}
     return out.detach(), x.grad, grads
 

@@ -4,6 +4,7 @@ back to its plain form in turn. The "gain" column is time(without it) / time(all
 
     python benchmarks/bench_layers.py                  # ngf 32, 32 px, batch 32, CPU
     python benchmarks/bench_layers.py --threads 1      # steadier on a shared machine
+    python benchmarks/bench_layers.py --device cuda --ngf 128 --batch 128 [--nchw]
 
 The plain forms are the formulas the fast paths replace (same values to float rounding).
 """
@@ -55,10 +56,14 @@ CHANGES = {
         "skip identity bilinear resizes, sum in place",
         [(layers.MSF, "forward", _plain_msf)]),
     "CRP pooling paths": (
-        "channels_last detour in NCHW, separable max without grad",
+        "separable max (no grad; CUDA channels_last: also with grad); CPU: NCHW detour",
         [(layers, "_pool", lambda pool, x: pool(x))]),
-    "channels_last inside (CPU)": (
-        "the net runs channels_last on CPU",
+    "upsampling via channels_last": (
+        "CUDA, NCHW only: bilinear upsampling in its channels_last kernel",
+        [(layers, "_upsample", lambda x, size: F.interpolate(x, size=size, mode="bilinear",
+                                                             align_corners=True))]),
+    "channels_last inside": (
+        "the net runs channels_last on CPU and CUDA",
         [("net", "layout", "input")]),
 }
 
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     changes = dict(CHANGES)
     if args.nchw:
         net.layout = "input"
-        del changes["channels_last inside (CPU)"]
+        del changes["channels_last inside"]
     x = torch.rand(args.batch, args.channels, args.size, args.size, device=device)
     sigma = torch.rand(args.batch, device=device) + 0.5
     level = torch.zeros(args.batch, dtype=torch.long, device=device)

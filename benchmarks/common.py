@@ -186,7 +186,7 @@ def build_schedule(reg, sigma_max: float, sigma_min: float, num_levels: int):
 
 def apply_layout(net: torch.nn.Module, opts: set[str]) -> torch.nn.Module:
     """'channels_last': weights to channels_last; 'nchw': make the RefineNet run in the input's
-    (NCHW) layout instead of its CPU default, channels_last."""
+    (NCHW) layout instead of its default, channels_last on CPU and CUDA."""
     if "nchw" in opts:
         net.layout = "input"
     if "channels_last" in opts:
@@ -257,9 +257,9 @@ def load_reference(path: str | None) -> Reference | None:
 
 OPTION_HELP = ("comma-separated configurations to time, each '+'-joined speed options: eager "
                "(the default net), nchw (force the net's internal layout to the input's NCHW; "
-               "by default it runs channels_last on CPU), channels_last (weights and input "
-               "channels_last too), compile (torch.compile), bf16 (autocast, CUDA only){extra}; "
-               "'all' for every one that applies. Default: %(default)s")
+               "by default it runs channels_last on CPU and CUDA), channels_last (weights and "
+               "input channels_last too), compile (torch.compile), bf16 (autocast, CUDA "
+               "only){extra}; 'all' for every one that applies. Default: %(default)s")
 
 
 def parse_options(spec: str, device: torch.device, extra: tuple[str, ...] = ()) -> list[str]:

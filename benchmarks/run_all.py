@@ -2,7 +2,8 @@
 
 Each script runs in its own process, so one's threads, caches and compiled code do not
 colour the next. Pass --full for the settings of the tables in benchmarks/README.md
-(NCSNv2 ngf 32, 32 px, batch 32) and --reference DIR to add the public NCSNv2 code's rows.
+(NCSNv2 ngf 32, 32 px, batch 32; with --device cuda, ngf 128 and batch 128, every speed
+option) and --reference DIR to add the public NCSNv2 code's rows.
 """
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ FULL = {
     "bench_store.py": ["--counts", "1000,10000,100000"],
     "bench_startup.py": ["--repeats", "5"],
 }
+GPU = {  # --full --device cuda: the issue's GPU setting, NCSNv2 ngf 128, 32 px, batch 128
+    "bench_train.py": ["--ngf", "128", "--batch", "128", "--steps", "10", "--repeats", "5",
+                       "--options", "all"],
+    "bench_sample.py": ["--ngf", "128", "--batch", "128", "--levels", "10", "--steps", "5",
+                        "--repeats", "5", "--options", "all"],
+    "bench_store.py": FULL["bench_store.py"],
+    "bench_startup.py": FULL["bench_startup.py"],
+}
 
 
 def main() -> int:
@@ -38,7 +47,7 @@ def main() -> int:
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--only", default=None, help="comma-separated script names to run")
     args = p.parse_args()
-    plan = FULL if args.full else SMALL
+    plan = (GPU if (args.device or "").startswith("cuda") else FULL) if args.full else SMALL
     failed = []
     for script, extra in plan.items():
         if args.only and script.removesuffix(".py") not in args.only.replace(".py", "").split(","):

@@ -44,6 +44,20 @@ def test_bench_sample_counts_network_evaluations(benchmarks, capsys):
     assert list(out["rate"]) == ["scoretk eager"] and out["rate"]["scoretk eager"] > 0
 
 
+@pytest.mark.parametrize("what", ["train", "sample"])
+def test_profile_step_prints_the_operator_table(benchmarks, capsys, what):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import profile_step
+    finally:
+        sys.path.remove(str(BENCH))
+    totals = profile_step.main([*TINY, "--what", what, "--calls", "1", "--rows", "5"])
+    text = capsys.readouterr().out
+    assert list(totals) == ["scoretk eager"] and totals["scoretk eager"] > 0
+    per = "step" if what == "train" else "net evaluation"
+    assert f"ms of self CPU time per {per}" in text and "aten::" in text
+
+
 def test_unknown_option_is_named(benchmarks):
     bench_train, _ = benchmarks
     with pytest.raises(SystemExit, match="unknown option.*'fast'"):

@@ -1,0 +1,89 @@
+"""Where a training step (or a sampling batch) spends its time: torch.profiler's operator table
+for scoretk and, with --reference DIR, for the public NCSNv2 code, at the same settings.
+
+    python benchmarks/profile_step.py --device cuda --ngf 128 --batch 128 --reference DIR
+    python benchmarks/profile_step.py --what sample --device cuda --ngf 128 --batch 128
+
+Profile before optimising (issue 6): the tables say which kernels to attack. On CUDA the
+sort key is time on the device; on the CPU it is self CPU time. --trace FILE also writes a
+Chrome trace (chrome://tracing, Perfetto) of the last profiled side.
+"""
+from __future__ import annotations
+
+import argparse
+
+import common  # noqa: I001  (puts the checkout on sys.path)
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+import bench_sample
+import bench_train
+
+
+def profiled(name: str, fn, device: torch.device, rows: int, calls: int,
+             per_call: int, trace: str | None) -> float:
+    """Profile `calls` calls of fn; print the operator table; return ms per step/evaluation."""
+    for _ in range(2):  # warm-up: cuDNN autotuning, allocator, lazy init
+        fn()
+    common.sync(device)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        common.sync(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = prof.key_averages()
+    # on CUDA, count the kernels only: an operator's row repeats its kernels' device time
+    total = sum(getattr(e, key) for e in events
+                if not cuda or e.device_type == DeviceType.CUDA) / 1e3 / (calls * per_call)
+    print(f"\n== {name}: {total:.1f} ms of {'kernel' if cuda else 'self CPU'} "
+          f"time per {'step' if per_call == 1 else 'net evaluation'}")
+    print(events.table(sort_by=key, row_limit=rows, max_name_column_width=60))
+    if trace:
+        prof.export_chrome_trace(trace)
+    return total
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(p, ngf=32, size=32, batch=32, repeats=1)
+    p.add_argument("--what", choices=["train", "sample"], default="train")
+    p.add_argument("--options", default="eager", help="one configuration, as in the benchmarks "
+                                                      "(eager, channels_last, bf16, ...)")
+    p.add_argument("--calls", type=int, default=3, help="profiled steps or sampling batches")
+    p.add_argument("--rows", type=int, default=25, help="operators shown per table")
+    p.add_argument("--reference", default=None, metavar="DIR")
+    p.add_argument("--trace", default=None, metavar="FILE", help="Chrome trace of the last side")
+    args = p.parse_args(argv)
+    device = common.setup(args)
+    bench = bench_train if args.what == "train" else bench_sample
+    # the benchmark scripts' defaults for what this script does not ask (train: CIFAR-10's
+    # 232 levels, one step per call; sample: 5 levels x 2 Langevin steps, CIFAR-10's eps)
+    settings = argparse.Namespace(**vars(args), sigma_max=50.0, sigma_min=0.01, eps=6.2e-6,
+                                  levels=232 if args.what == "train" else 5,
+                                  steps=1 if args.what == "train" else 2)
+    common.header(f"profile of one {args.what} {'step' if args.what == 'train' else 'batch'}",
+                  device, ngf=args.ngf, size=args.size, batch=args.batch, options=args.options)
+    ref = common.load_reference(args.reference)
+    reg = common.registry()
+    sides = []
+    if args.what == "train":
+        sides.append((f"scoretk {args.options}", bench.ours(settings, reg, device, args.options)[0],
+                      1))
+        if ref is not None:
+            sides.append((common.REFERENCE, bench.reference(settings, ref, device)[0], 1))
+    else:
+        fn, evals, _ = bench.ours(settings, reg, device, args.options)
+        sides.append((f"scoretk {args.options}", fn, evals))
+        if ref is not None:
+            fn, evals, _ = bench.reference(settings, ref, device)
+            sides.append((common.REFERENCE, fn, evals))
+    return {name: profiled(name, fn, device, args.rows, args.calls, per_call, args.trace)
+            for name, fn, per_call in sides}
+
+
+if __name__ == "__main__":
+    main()

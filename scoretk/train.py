@@ -204,6 +204,9 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
               f"{assemble.count_parameters(net):,} parameters | {num_levels} levels | "
               f"{len(data)} items {tuple(data.shape)}"
               + (f" | resuming at step {step}" if step else ""), file=sys.stderr)
+        if cfg.bf16 and device.type != "cuda":
+            print(f"note: train.bf16 applies on CUDA only; training in float32 on {device}",
+                  file=sys.stderr)
     bar = tqdm(total=cfg.iterations, initial=step, disable=not dist.is_main, unit="step",
                dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
     writer = open_tensorboard(run) if dist.is_main else None

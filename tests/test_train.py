@@ -293,3 +293,10 @@ def test_tensorboard_gets_the_logged_scalars_when_installed(tmp_path, toy_recipe
         key = tag.removeprefix("train/")
         assert logged == [(r[key], r["step"]) for r in records]
     assert all(d == str(tmp_path / "tensorboard") for *_, d in written) and closed == [True]
+
+
+def test_bf16_off_cuda_says_it_trains_in_float32(tmp_path, toy_recipe, capsys):
+    """bf16 autocast is a CUDA option; elsewhere the run goes on in float32 and says so."""
+    toy_recipe["train"].update(iterations=2, bf16=True)
+    train(_recipe(toy_recipe), default_registry(), tmp_path / "run")
+    assert "train.bf16 applies on CUDA only; training in float32 on cpu" in capsys.readouterr().err

@@ -59,31 +59,26 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--trace", default=None, metavar="FILE", help="Chrome trace of the last side")
     args = p.parse_args(argv)
     device = common.setup(args)
-    bench = bench_train if args.what == "train" else bench_sample
+    train = args.what == "train"
+    bench = bench_train if train else bench_sample
     # the benchmark scripts' defaults for what this script does not ask (train: CIFAR-10's
     # 232 levels, one step per call; sample: 5 levels x 2 Langevin steps, CIFAR-10's eps)
     settings = argparse.Namespace(**vars(args), sigma_max=50.0, sigma_min=0.01, eps=6.2e-6,
-                                  levels=232 if args.what == "train" else 5,
-                                  steps=1 if args.what == "train" else 2)
-    common.header(f"profile of one {args.what} {'step' if args.what == 'train' else 'batch'}",
-                  device, ngf=args.ngf, size=args.size, batch=args.batch, options=args.options)
+                                  levels=232 if train else 5, steps=1 if train else 2)
+    common.header(f"profile of one {args.what} {'step' if train else 'batch'}", device,
+                  ngf=args.ngf, size=args.size, batch=args.batch, options=args.options)
     ref = common.load_reference(args.reference)
     reg = common.registry()
-    sides = []
-    if args.what == "train":
-        sides.append((f"scoretk {args.options}", bench.ours(settings, reg, device, args.options)[0],
-                      1))
-        if ref is not None:
-            sides.append((common.REFERENCE, bench.reference(settings, ref, device)[0], 1))
-    else:
-        fn, evals, _ = bench.ours(settings, reg, device, args.options)
-        sides.append((f"scoretk {args.options}", fn, evals))
-        if ref is not None:
-            fn, evals, _ = bench.reference(settings, ref, device)
-            sides.append((common.REFERENCE, fn, evals))
-    return {name: profiled(name, fn, device, args.rows, args.calls, per_call, args.trace)
-            for name, fn, per_call in sides}
-
+    sides = {f"scoretk {args.options}": lambda: bench.ours(settings, reg, device, args.options)}
+    if ref is not None:
+        sides[common.REFERENCE] = lambda: bench.reference(settings, ref, device)
+    totals = {}
+    for name, build in sides.items():
+        # bench_train's closures return (fn, parameters); bench_sample's (fn, evals, parameters)
+        fn, *rest = build()
+        totals[name] = profiled(name, fn, device, args.rows, args.calls,
+                                1 if train else rest[0], args.trace)
+    return totals
 
 if __name__ == "__main__":
     main()

@@ -67,9 +67,7 @@ def ours(args, reg, device: torch.device, combo: str):
     sampler = reg.build("sampler", {"kind": "annealed_langevin", "steps_per_level": args.steps,
                                     "eps": args.eps, "denoise": True})
     shape = (args.channels, args.size, args.size)
-    run_net: nn.Module = net
-    if "compile" in opts:
-        run_net = torch.compile(net)
+    run_net = torch.compile(net) if "compile" in opts else common.apply_threads(net, device, opts)
     if "cuda_graphs" in opts:
         run_net = CUDAGraphNet(run_net)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if "bf16" in opts \
@@ -119,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sigma-max", type=float, default=50.0)
     p.add_argument("--sigma-min", type=float, default=0.01)
     p.add_argument("--eps", type=float, default=6.2e-6, help="step size (CIFAR-10's)")
-    p.add_argument("--options", default="eager,nchw,channels_last",
+    p.add_argument("--options", default="eager,unsplit,nchw,channels_last",
                    help=common.OPTION_HELP.format(extra=", inference_mode, cuda_graphs "
                                                         "(CUDA only)"))
     p.add_argument("--reference", default=None, metavar="DIR",

@@ -31,7 +31,7 @@ def ours(args, reg, device: torch.device, combo: str):
     loss_fn = reg.build("loss", {"kind": "dsm"})
     schedule = common.build_schedule(reg, args.sigma_max, args.sigma_min, args.levels)
     schedule.sigmas = schedule.sigmas.to(device)
-    train_net = torch.compile(net) if "compile" in opts else net
+    train_net = torch.compile(net) if "compile" in opts else common.apply_threads(net, device, opts)
     train_step = TrainStep(net, train_net, loss_fn, schedule, optimiser, averager,
                            bf16="bf16" in opts)
     x = common.layout_input(torch.rand(args.batch, args.channels, args.size, args.size,
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--levels", type=int, default=232, help="noise levels L (CIFAR-10: 232)")
     p.add_argument("--sigma-max", type=float, default=50.0)
     p.add_argument("--sigma-min", type=float, default=0.01)
-    p.add_argument("--options", default="eager,nchw,channels_last",
+    p.add_argument("--options", default="eager,unsplit,nchw,channels_last",
                    help=common.OPTION_HELP.format(extra=""))
     p.add_argument("--reference", default=None, metavar="DIR",
                    help="directory with the public ermongroup/ncsnv2 code (models/, losses/)")

@@ -194,6 +194,15 @@ def apply_layout(net: torch.nn.Module, opts: set[str]) -> torch.nn.Module:
     return net
 
 
+def apply_threads(net: torch.nn.Module, device: torch.device,
+                  opts: set[str]) -> torch.nn.Module:
+    """The net as `scoretk train` and `scoretk sample` call it: on CPU, with the batch split
+    across torch's threads (`batch_threads: auto`), unless 'unsplit' asks for the plain net
+    (`batch_threads: 1`). Compiled nets are not split, here or in scoretk."""
+    from scoretk.batch_threads import resolve_threads, split_batches
+    return split_batches(net, 1 if "unsplit" in opts else resolve_threads("auto", net, device))
+
+
 def layout_input(x: torch.Tensor, opts: set[str]) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if "channels_last" in opts else x
 
@@ -256,20 +265,22 @@ def load_reference(path: str | None) -> Reference | None:
 # ---------------------------------------------------------------------------- speed options
 
 OPTION_HELP = ("comma-separated configurations to time, each '+'-joined speed options: eager "
-               "(the default net), nchw (force the net's internal layout to the input's NCHW; "
-               "by default it runs channels_last on CPU and CUDA), channels_last (weights and "
+               "(the default net; on CPU the batch is split across torch's threads), unsplit "
+               "(on CPU, the whole batch through each op on all threads), nchw (force the "
+               "net's internal layout to the input's NCHW; by default it runs channels_last "
+               "on CPU and CUDA), channels_last (weights and "
                "input channels_last too), compile (torch.compile), bf16 (autocast, CUDA "
                "only){extra}; 'all' for every one that applies. Default: %(default)s")
 
 
 def parse_options(spec: str, device: torch.device, extra: tuple[str, ...] = ()) -> list[str]:
     """Configurations like 'eager', 'channels_last', 'compile+channels_last', in table order."""
-    known = {"eager", "nchw", "channels_last", "compile", "bf16", *extra}
+    known = {"eager", "unsplit", "nchw", "channels_last", "compile", "bf16", *extra}
     if spec == "all":
-        combos = ["eager", "nchw", "channels_last", "compile", "compile+channels_last"]
         if device.type == "cuda":
-            combos += ["bf16", "bf16+channels_last", *extra]
-        return combos
+            return ["eager", "nchw", "channels_last", "compile", "compile+channels_last",
+                    "bf16", "bf16+channels_last", *extra]
+        return ["eager", "unsplit", "nchw", "channels_last", "compile", "compile+channels_last"]
     out = []
     for combo in (s.strip() for s in spec.split(",") if s.strip()):
         parts = set(combo.split("+"))
@@ -284,4 +295,6 @@ def skip_reason(combo: str, device: torch.device) -> str | None:
     parts = set(combo.split("+"))
     if device.type != "cuda" and parts & {"bf16", "cuda_graphs"}:
         return "needs a CUDA device (bf16 autocast and CUDA graphs are GPU options here)"
+    if device.type != "cpu" and "unsplit" in parts:
+        return "batches are split across threads on CPU only"
     return None

@@ -7,6 +7,10 @@ for scoretk and, with --reference DIR, for the public NCSNv2 code, at the same s
 Profile before optimising (issue 6): the tables say which kernels to attack. On CUDA the
 sort key is time on the device; on the CPU it is self CPU time. --trace FILE also writes a
 Chrome trace (chrome://tracing, Perfetto) of the last profiled side.
+
+On CPU, scoretk's batch is not split across threads here (the `unsplit` option): the profiler
+records the calling thread's operators only, and the split changes when operators run, not
+what they cost.
 """
 from __future__ import annotations
 
@@ -69,7 +73,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                   ngf=args.ngf, size=args.size, batch=args.batch, options=args.options)
     ref = common.load_reference(args.reference)
     reg = common.registry()
-    sides = {f"scoretk {args.options}": lambda: bench.ours(settings, reg, device, args.options)}
+    combo = args.options if device.type != "cpu" else "+".join(
+        dict.fromkeys([*args.options.split("+"), "unsplit"]))
+    sides = {f"scoretk {args.options}": lambda: bench.ours(settings, reg, device, combo)}
     if ref is not None:
         sides[common.REFERENCE] = lambda: bench.reference(settings, ref, device)
     totals = {}

@@ -54,6 +54,10 @@ class ScoreNet(nn.Module):
     ones (NCSNv2) read `sigma`, and losses and samplers never need to know which.
     """
 
+    batch_independent: bool = False
+    """True if each sample's output depends on that sample alone (no batch norm). Such nets
+    may have their batches split across CPU threads (`scoretk.batch_threads`)."""
+
     def forward(self, x: Tensor, sigma: Tensor, level: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 

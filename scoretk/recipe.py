@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
 
 from scoretk.registry import Registry, RegistryError
 
@@ -37,6 +37,18 @@ class RecipeError(Exception):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _batch_threads(value: Any) -> Literal["auto"] | int:
+    if value == "auto" or (type(value) is int and value >= 1):
+        return value
+    raise ValueError(f"expected 'auto' or a whole number >= 1, got {value!r}")
+
+
+BatchThreads = Annotated[Literal["auto"] | int, PlainValidator(_batch_threads)]
+_BATCH_THREADS = ("on CPU, split each batch across this many threads, one intra-op thread each "
+                  "(scoretk.batch_threads); auto: torch's thread count for nets whose samples are "
+                  "independent, 1: off; ignored off the CPU")
 
 
 class OptimConfig(_Strict):
@@ -66,12 +78,14 @@ class TrainConfig(_Strict):
     bf16: bool = Field(False, description="bf16 autocast (CUDA only)")
     compile: bool = False
     channels_last: bool = False
+    batch_threads: BatchThreads = Field("auto", description=_BATCH_THREADS)
 
 
 class SampleConfig(_Strict):
     num_samples: int = Field(100, gt=0)
     batch_size: int = Field(100, gt=0)
     seed: int = 0
+    batch_threads: BatchThreads = Field("auto", description=_BATCH_THREADS)
 
 
 class ComponentSpec(BaseModel):

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from scoretk import assemble
+from scoretk.batch_threads import resolve_threads, split_batches
 from scoretk.checkpoint import (CheckpointError, RunDir, load_checkpoint, most_recent_run,
                                 sha256_file)
 from scoretk.distributed import Dist, pick_device, setup_distributed
@@ -114,6 +115,7 @@ class _Job:
     recipe: Recipe
     model: assemble.Model
     net: nn.Module
+    sample_net: nn.Module  # what the sampler calls: `net`, or `net` split across CPU threads
     averager: Any
     attrs: dict[str, Any]
     num_samples: int
@@ -241,8 +243,9 @@ def _prepare(dist: Dist, registry: Registry, existing: SampleStore | None, run_d
              "checkpoint_sha256": sha, "checkpoint_step": state.get("step"),
              "sampler_settings": settings, "seed": int(seed), "num_samples": int(n),
              "batch_size": int(b), "raw_weights": bool(raw_weights), "world_size": dist.world}
-    return _Job(recipe, model, net, averager, attrs, int(n), int(b), int(seed), raw_weights,
-                keep_float, evals, device)
+    sample_net = split_batches(net, resolve_threads(recipe.sample.batch_threads, net, device))
+    return _Job(recipe, model, net, sample_net, averager, attrs, int(n), int(b), int(seed),
+                raw_weights, keep_float, evals, device)
 
 
 def _generate(job: _Job, store: SampleStore, dist: Dist, registry: Registry) -> None:
@@ -270,7 +273,7 @@ def _generate(job: _Job, store: SampleStore, dist: Dist, registry: Registry) -> 
 def _sample_batch(job: _Job, indices: range, data: Any, bar: "_Progress") -> Tensor:
     noise = PerSampleNoise(job.seed, indices, job.device)
     init = init_rows(data, job.seed, indices).to(job.device) if data is not None else None
-    x = job.model.sampler.sample(job.net, job.model.schedule, job.model.shape, noise,
+    x = job.model.sampler.sample(job.sample_net, job.model.schedule, job.model.shape, noise,
                                  device=job.device, init=init, progress=bar.within_batch)
     return x.float().cpu()
 

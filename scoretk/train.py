@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import scoretk
 from scoretk import assemble
+from scoretk.batch_threads import resolve_threads, split_batches
 from scoretk.checkpoint import RunDir, atomic_write_text, checkpoint_step, load_checkpoint
 from scoretk.components import Dataset
 from scoretk.data import augment
@@ -178,10 +179,11 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
     if dist.is_main:
         atomic_write_text(run.recipe, resolved.to_yaml())
 
-    train_net: nn.Module = net
+    threads = 1 if cfg.compile else resolve_threads(cfg.batch_threads, net, device)
+    train_net = split_batches(net, threads)
     if dist.world > 1:
         train_net = nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
+            train_net, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         train_net = torch.compile(train_net)
     train_step = TrainStep(net, train_net, loss_fn, schedule, optimiser, averager,
@@ -203,6 +205,7 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
         print(f"scoretk train: {recipe.name} | run {run.path} | device {device} | "
               f"{assemble.count_parameters(net):,} parameters | {num_levels} levels | "
               f"{len(data)} items {tuple(data.shape)}"
+              + (f" | batch split across {threads} CPU threads" if threads > 1 else "")
               + (f" | resuming at step {step}" if step else ""), file=sys.stderr)
         if cfg.bf16 and device.type != "cuda":
             print(f"note: train.bf16 applies on CUDA only; training in float32 on {device}",

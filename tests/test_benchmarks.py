@@ -28,9 +28,10 @@ TINY = ["--ngf", "4", "--size", "8", "--batch", "2", "--repeats", "1"]
 def test_bench_train_times_every_option(benchmarks, capsys):
     bench_train, _ = benchmarks
     out = bench_train.main([*TINY, "--levels", "3", "--steps", "1",
-                            "--options", "eager,nchw,channels_last,bf16"])
+                            "--options", "eager,unsplit,nchw,channels_last,bf16"])
     text = capsys.readouterr().out
-    assert set(out["rate"]) == {"scoretk eager", "scoretk nchw", "scoretk channels_last"}
+    assert set(out["rate"]) == {"scoretk eager", "scoretk unsplit", "scoretk nchw",
+                                "scoretk channels_last"}
     assert all(r > 0 for r in out["rate"].values())
     assert "| scoretk nchw" in text and "bf16: skipped, needs a CUDA device" in text
     assert "reference: not available" in text

@@ -44,6 +44,8 @@ class _ResBlock(nn.Module):
 
 
 class ConvScoreNet(ScoreNet):
+    batch_independent = True  # group norm is per sample
+
     def __init__(self, in_ch: int, p: ConvNetParams):
         super().__init__()
         self.sigma_input = p.sigma_input

@@ -36,6 +36,8 @@ class MLPParams(Params):
 class ScoreMLP(ScoreNet):
     """x (B, *shape) -> score (B, *shape); items are flattened, so any shape works."""
 
+    batch_independent = True
+
     def __init__(self, dim: int, hidden: int = 128, depth: int = 3,
                  activation: str = 'silu', sigma_input: bool = True):
         super().__init__()

@@ -52,6 +52,8 @@ class RefineNet(ScoreNet):
     residual blocks only, max pooling, returns s'(x) / sigma.
     """
 
+    batch_independent = True  # instance norms only
+
     def __init__(self, channels: int, ngf: int, stages: tuple[Stage, ...], *,
                  conditional: bool, num_levels: int = 1):
         super().__init__()

@@ -119,6 +119,17 @@ def test_batch_size_toy_vectors(ckpts, tmp_path):
     np.testing.assert_allclose(rows(a), rows(c), rtol=1e-5, atol=1e-5)
 
 
+def test_batch_split_across_threads_does_not_change_the_samples(ckpts, tmp_path):
+    """sample.batch_threads runs batch chunks on separate CPU threads: same rows, bit for bit
+    (chunks of >= 8 rows for the toy MLP, see above)."""
+    for kind, batch in (("img", 16), ("toy", 24)):
+        a, b = tmp_path / f"{kind}-1.h5", tmp_path / f"{kind}-3.h5"
+        for path, threads in ((a, 1), (b, 3)):
+            sample(ckpts[kind], path, "-n", "48", "--batch-size", str(batch),
+                   "-o", f"sample.batch_threads={threads}")
+        np.testing.assert_array_equal(rows(a), rows(b))
+
+
 def test_interrupted_then_resumed_equals_uninterrupted(ckpts, tmp_path, monkeypatch):
     ref, out = tmp_path / "ref.h5", tmp_path / "out.h5"
     sample(ckpts["img"], ref, "-n", "40", "--batch-size", "8")

@@ -90,17 +90,28 @@ def test_fused_instance_norm_pp_partial_grads():
     assert_close(g2.grad, g3.grad)
 
 
-def test_fused_instance_norm_pp_mixed_precision():
+@pytest.mark.parametrize("elu", [None, 1.0])
+def test_fused_instance_norm_pp_mixed_precision(elu):
     """bf16 activations with float32 parameters (autocast keeps norms out of its lists): the
-    result type is the plain formula's."""
+    output stays bf16, as the next convolution wants it, and matches the float32 formula to
+    bf16 precision; so do the gradients."""
     x, params = _norm_inputs(dtype=torch.float32)
     xb = x.bfloat16().requires_grad_()
-    out = instance_norm_pp(xb, *params)
-    ref = instance_norm_pp_reference(x.bfloat16(), *params)
-    assert out.dtype == ref.dtype
-    assert_close(out, ref, rtol=2e-2)
-    out.sum().backward()
-    assert xb.grad.dtype == torch.bfloat16
+    ps = [p.clone().requires_grad_() for p in params]
+    out = instance_norm_pp(xb, *ps, elu_alpha=elu)
+    x32 = x.bfloat16().float().requires_grad_()
+    p32 = [p.clone().requires_grad_() for p in params]
+    ref = instance_norm_pp_reference(x32, *p32)
+    ref = ref if elu is None else F.elu(ref, elu)
+    assert out.dtype == torch.bfloat16
+    assert_close(out.float(), ref, rtol=1e-2)
+    grad = torch.randn_like(ref)
+    out.backward(grad.bfloat16())
+    ref.backward(grad)
+    assert xb.grad.dtype == torch.bfloat16 and all(p.grad.dtype == torch.float32 for p in ps)
+    assert_close(xb.grad.float(), x32.grad, rtol=3e-2, what="grad x")
+    for p, q in zip(ps, p32):
+        assert_close(p.grad, q.grad, rtol=3e-2, what="grad param")
 
 
 def test_norm_modules_use_the_fused_path_and_match():

@@ -200,10 +200,13 @@ def _instance_norm_pp_backward(grad, x, gamma, alpha, mu, invstd, nm, inv_v, nee
 
 
 def _addcmul_into(c: Tensor, t: Tensor, k: Tensor) -> Tensor:
-    """c + t*k, written over the temporary t when the dtypes allow (mixed precision may not)."""
-    if torch.result_type(c, t) == t.dtype and torch.result_type(t, k) == t.dtype:
-        return torch.addcmul(c, t, k, out=t)
-    return torch.addcmul(c, t, k)
+    """c + t*k, written over the temporary t (shaped and typed like x).
+
+    Under autocast, t is bf16 or fp16 while c and k are float32: the sum is computed in float32
+    and stored in t's dtype, the norm's input dtype (as layer_norm and group_norm return).
+    Returning float32 instead would cost a full cast copy before the next convolution, and
+    another for the gradient on the way back."""
+    return torch.addcmul(c, t, k, out=t)
 
 
 def _reduce_like(t: Tensor, like: Tensor) -> Tensor:

@@ -45,7 +45,7 @@ def _batch_threads(value: Any) -> Literal["auto"] | int:
     raise ValueError(f"expected 'auto' or a whole number >= 1, got {value!r}")
 
 
-BatchThreads = Annotated[Literal["auto"] | int, PlainValidator(_batch_threads)]
+BatchThreadsSetting = Annotated[Literal["auto"] | int, PlainValidator(_batch_threads)]
 _BATCH_THREADS = ("on CPU, split each batch across this many threads, one intra-op thread each "
                   "(scoretk.batch_threads); auto: torch's thread count for nets whose samples are "
                   "independent, 1: off; ignored off the CPU")
@@ -78,14 +78,14 @@ class TrainConfig(_Strict):
     bf16: bool = Field(False, description="bf16 autocast (CUDA only)")
     compile: bool = False
     channels_last: bool = False
-    batch_threads: BatchThreads = Field("auto", description=_BATCH_THREADS)
+    batch_threads: BatchThreadsSetting = Field("auto", description=_BATCH_THREADS)
 
 
 class SampleConfig(_Strict):
     num_samples: int = Field(100, gt=0)
     batch_size: int = Field(100, gt=0)
     seed: int = 0
-    batch_threads: BatchThreads = Field("auto", description=_BATCH_THREADS)
+    batch_threads: BatchThreadsSetting = Field("auto", description=_BATCH_THREADS)
 
 
 class ComponentSpec(BaseModel):

@@ -210,6 +210,9 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
         if cfg.bf16 and device.type != "cuda":
             print(f"note: train.bf16 applies on CUDA only; training in float32 on {device}",
                   file=sys.stderr)
+        if cfg.compile and cfg.batch_threads not in ("auto", 1):
+            print("note: train.batch_threads does not apply to compiled nets; the batch is not "
+                  "split", file=sys.stderr)
     bar = tqdm(total=cfg.iterations, initial=step, disable=not dist.is_main, unit="step",
                dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
     writer = open_tensorboard(run) if dist.is_main else None

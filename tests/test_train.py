@@ -15,6 +15,7 @@ import yaml
 
 from scoretk import checkpoint as ckpt_mod
 from scoretk import hookimpl
+from scoretk.batch_threads import BatchThreads
 from scoretk.checkpoint import RunDir, load_checkpoint
 from scoretk.plugins import default_registry, load_plugins
 from scoretk.recipe import Recipe
@@ -210,6 +211,26 @@ def test_torchrun_two_cpu_processes(tmp_path, toy_recipe):
     assert out.stderr.count("scoretk train:") == 1  # only rank 0 talks
 
 
+def test_torchrun_with_the_batch_split_matches_the_unsplit_run(tmp_path, toy_recipe):
+    """DDP wraps the split net: its gradient hooks see the summed chunk gradients."""
+    toy_recipe["train"].update(iterations=4, checkpoint_every=4, batch_size=32)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    weights = []
+    for threads in (1, 2):
+        toy_recipe["train"]["batch_threads"] = threads
+        path = tmp_path / f"r{threads}.yaml"
+        path.write_text(yaml.safe_dump(toy_recipe))
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              "--nproc_per_node=2", "-m", "scoretk", "train", str(path),
+                              "--run-dir", str(tmp_path / f"run{threads}")],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert ("batch split across 2 CPU threads" in out.stderr) == (threads == 2)
+        weights.append(load_checkpoint(RunDir(tmp_path / f"run{threads}").latest())["model"])
+    for name, a in weights[0].items():
+        assert torch.allclose(a, weights[1][name], rtol=1e-5, atol=1e-7), name
+
+
 def test_sample_grids_use_the_averaged_weights_every_n_steps(tmp_path, toy_recipe, monkeypatch):
     raw = {**toy_recipe,
            "data": {"kind": "digits", "size": 8},
@@ -320,3 +341,15 @@ def test_batch_threads_training_follows_the_unsplit_run(tmp_path, toy_recipe, ca
     for name, a in plain["model"].items():
         assert torch.allclose(a, split["model"][name], rtol=1e-4, atol=1e-6), name
     assert plain["step"] == split["step"] == 3
+
+
+def test_compiled_nets_are_not_split_and_an_explicit_split_says_so(tmp_path, toy_recipe, capsys,
+                                                                   monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or m)  # no inductor here
+    toy_recipe["train"].update(iterations=1, compile=True, batch_threads=2)
+    train(_recipe(toy_recipe), default_registry(), tmp_path / "run")
+    err = capsys.readouterr().err
+    assert "train.batch_threads does not apply to compiled nets" in err
+    assert "batch split" not in err and len(compiled) == 1
+    assert not isinstance(compiled[0], BatchThreads)

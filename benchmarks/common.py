@@ -199,8 +199,8 @@ def apply_threads(net: torch.nn.Module, device: torch.device,
     """The net as `scoretk train` and `scoretk sample` call it: on CPU, with the batch split
     across torch's threads (`batch_threads: auto`), unless 'unsplit' asks for the plain net
     (`batch_threads: 1`). Compiled nets are not split, here or in scoretk."""
-    from scoretk.batch_threads import resolve_threads, split_batches
-    return split_batches(net, 1 if "unsplit" in opts else resolve_threads("auto", net, device))
+    from scoretk.batch_threads import split_batches
+    return split_batches(net, 1 if "unsplit" in opts else "auto", device)
 
 
 def layout_input(x: torch.Tensor, opts: set[str]) -> torch.Tensor:

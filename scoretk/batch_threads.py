@@ -5,7 +5,8 @@ the end of each op. A RefineNet step runs thousands of ops, many too small to sh
 oneDNN's weight gradients reduce across threads once per convolution. Running half the batch
 on each core, each op single-threaded, keeps both cores busy from the first op to the last
 and reduces each weight gradient once. At NCSNv2 ngf 32, batch 32 on 2 cores, a training
-step ran 1.00 to 1.07x faster (about 1.03x typical; benchmarks/README.md).
+step ran 1.00 to 1.07x faster (about 1.03x typical; benchmarks/README.md). Small chunks lose:
+see AUTO_MIN_CHUNK_VALUES.
 
 It is exact only for nets whose output for a sample depends on that sample alone (instance or
 group norm, no batch norm): such nets say so with `batch_independent = True`. The values are
@@ -99,21 +100,35 @@ class _SplitBatch(torch.autograd.Function):
         return (None, None, x_grad, sigma_grad, None, *param_grads)
 
 
+AUTO_MIN_CHUNK_VALUES = 16384
+"""`auto` splits only where each chunk gets at least this many input values. Measured on 2
+cores, training speed-up of the split by input values per chunk: the toy MLP 0.5x (256) and
+0.93x (4096); the quick-start convnet 0.85 to 0.94x (4096), 1.05x (16384), and 1.26x at
+32 px (49152); NCSNv2 ngf 32 1.00x (12288, 24576) and 1.03x (49152). Below ~8k values per
+chunk, per-op overhead and the GIL cost more than the split saves."""
+
+
 class BatchThreads(nn.Module):
-    """`net(x, sigma, level)` with the batch split across `threads` CPU threads.
+    """`net(x, sigma, level)` with the batch split across up to `threads` CPU threads, into
+    chunks of at least `min_values` input values (smaller batches run unsplit).
 
     Like DDP, it is a wrapper for the step to call: checkpoints and averagers keep using the
     plain net.
     """
 
-    def __init__(self, net: nn.Module, threads: int):
+    def __init__(self, net: nn.Module, threads: int, min_values: int = 1):
         super().__init__()
         if threads < 2:
             raise ValueError(f"BatchThreads needs at least 2 threads, got {threads}")
-        self.net, self.threads = net, threads
+        self.net, self.threads, self.min_values = net, threads, max(1, min_values)
+
+    def chunks(self, batch: int, item_values: int) -> int:
+        """How many chunks a batch of `batch` items of `item_values` values each is split
+        into (1: not split)."""
+        return max(1, min(self.threads, batch, batch * item_values // self.min_values))
 
     def forward(self, x: Tensor, sigma: Tensor, level: Tensor) -> Tensor:
-        chunks = min(self.threads, x.shape[0])
+        chunks = self.chunks(x.shape[0], x[0].numel()) if x.shape[0] else 1
         if chunks < 2 or sigma.shape[:1] != x.shape[:1] or level.shape[:1] != x.shape[:1]:
             return self.net(x, sigma, level)
         params = [p for p in self.net.parameters() if p.requires_grad]
@@ -124,17 +139,18 @@ class BatchThreads(nn.Module):
         return torch.cat(in_threads([functools.partial(self.net, *p) for p in pieces]))
 
 
-def resolve_threads(setting: Literal["auto"] | int, net: nn.Module,
-                    device: torch.device) -> int:
-    """How many threads to split batches across; 1 means no split, as always off the CPU.
-    `auto`: torch's intra-op thread count for nets that declare `batch_independent`."""
+def split_batches(net: nn.Module, setting: Literal["auto"] | int,
+                  device: torch.device) -> nn.Module:
+    """The net as the recipe's `batch_threads` asks: `net` itself off the CPU or for 1, else
+    a BatchThreads wrapper. `auto`: torch's intra-op thread count, for nets that declare
+    `batch_independent`, in chunks of at least AUTO_MIN_CHUNK_VALUES input values. A number:
+    that many threads, whatever the net or the batch (the user's call)."""
     if device.type != "cpu":
-        return 1
-    if setting != "auto":
-        return int(setting)
-    return torch.get_num_threads() if getattr(net, "batch_independent", False) else 1
-
-
-def split_batches(net: nn.Module, threads: int) -> nn.Module:
-    """`net` itself for threads <= 1, else a BatchThreads wrapper around it."""
-    return BatchThreads(net, threads) if threads > 1 else net
+        return net
+    if setting == "auto":
+        if not getattr(net, "batch_independent", False):
+            return net
+        threads, min_values = torch.get_num_threads(), AUTO_MIN_CHUNK_VALUES
+    else:
+        threads, min_values = int(setting), 1
+    return BatchThreads(net, threads, min_values) if threads > 1 else net

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from scoretk import assemble
-from scoretk.batch_threads import resolve_threads, split_batches
+from scoretk.batch_threads import split_batches
 from scoretk.checkpoint import (CheckpointError, RunDir, load_checkpoint, most_recent_run,
                                 sha256_file)
 from scoretk.distributed import Dist, pick_device, setup_distributed
@@ -243,7 +243,7 @@ def _prepare(dist: Dist, registry: Registry, existing: SampleStore | None, run_d
              "checkpoint_sha256": sha, "checkpoint_step": state.get("step"),
              "sampler_settings": settings, "seed": int(seed), "num_samples": int(n),
              "batch_size": int(b), "raw_weights": bool(raw_weights), "world_size": dist.world}
-    sample_net = split_batches(net, resolve_threads(recipe.sample.batch_threads, net, device))
+    sample_net = split_batches(net, recipe.sample.batch_threads, device)
     return _Job(recipe, model, net, sample_net, averager, attrs, int(n), int(b), int(seed),
                 raw_weights, keep_float, evals, device)
 

@@ -7,6 +7,7 @@ bad is written; SIGINT/SIGTERM finish the step, write a checkpoint and exit.
 """
 from __future__ import annotations
 
+import math
 import shutil
 import signal
 import sys
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 import scoretk
 from scoretk import assemble
-from scoretk.batch_threads import resolve_threads, split_batches
+from scoretk.batch_threads import BatchThreads, split_batches
 from scoretk.checkpoint import RunDir, atomic_write_text, checkpoint_step, load_checkpoint
 from scoretk.components import Dataset
 from scoretk.data import augment
@@ -179,8 +180,8 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
     if dist.is_main:
         atomic_write_text(run.recipe, resolved.to_yaml())
 
-    threads = 1 if cfg.compile else resolve_threads(cfg.batch_threads, net, device)
-    train_net = split_batches(net, threads)
+    split = net if cfg.compile else split_batches(net, cfg.batch_threads, device)
+    train_net: nn.Module = split
     if dist.world > 1:
         train_net = nn.parallel.DistributedDataParallel(
             train_net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -198,6 +199,8 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
         }, at_step, cfg.keep_checkpoints)
 
     order = StepBatches(len(data), cfg.batch_size, cfg.seed, dist.rank, dist.world)
+    chunks = split.chunks(order.local, math.prod(data.shape)) \
+        if isinstance(split, BatchThreads) else 1
     num_levels = schedule.num_levels
     window = LogWindow(num_levels, device)
     last_ckpt = run.latest()
@@ -205,7 +208,7 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
         print(f"scoretk train: {recipe.name} | run {run.path} | device {device} | "
               f"{assemble.count_parameters(net):,} parameters | {num_levels} levels | "
               f"{len(data)} items {tuple(data.shape)}"
-              + (f" | batch split across {threads} CPU threads" if threads > 1 else "")
+              + (f" | batch split across {chunks} CPU threads" if chunks > 1 else "")
               + (f" | resuming at step {step}" if step else ""), file=sys.stderr)
         if cfg.bf16 and device.type != "cuda":
             print(f"note: train.bf16 applies on CUDA only; training in float32 on {device}",

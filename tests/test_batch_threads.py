@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from scoretk.batch_threads import BatchThreads, in_threads, resolve_threads, split_batches
+from scoretk.batch_threads import (AUTO_MIN_CHUNK_VALUES, BatchThreads, in_threads,
+                                   split_batches)
 from scoretk.recipe import TrainConfig
 from scoretk_plugins.losses import DSMLoss
 from scoretk_plugins.nets.convnet import ConvNetParams, ConvScoreNet
@@ -180,14 +181,34 @@ def test_builtin_nets_are_honest_about_batch_independence():
         assert rel_err(bn(y)[0], bn(y2)[0]) > 1e-2
 
 
-def test_resolve_threads():
+def test_split_batches_follows_the_setting():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_threads("auto", Recorder(), cpu) == torch.get_num_threads()
-    assert resolve_threads("auto", nn.Linear(2, 2), cpu) == 1  # says nothing: not split
-    assert resolve_threads(3, nn.Linear(2, 2), cpu) == 3  # the user's explicit choice
-    assert resolve_threads(3, Recorder(), cuda) == 1
-    assert split_batches(rec := Recorder(), 1) is rec
-    assert isinstance(split_batches(rec, 2), BatchThreads)
+    rec = Recorder()
+    auto = split_batches(rec, "auto", cpu)
+    if torch.get_num_threads() > 1:
+        assert isinstance(auto, BatchThreads) and auto.threads == torch.get_num_threads()
+    else:
+        assert auto is rec
+    assert split_batches(nn.Linear(2, 2), "auto", cpu).__class__ is nn.Linear  # not declared
+    forced = split_batches(nn.Linear(2, 2), 3, cpu)  # the user's explicit choice
+    assert isinstance(forced, BatchThreads) and forced.threads == 3
+    assert split_batches(rec, 1, cpu) is rec
+    assert split_batches(rec, 3, cuda) is rec
+
+
+def test_auto_leaves_small_chunks_whole():
+    """Under AUTO_MIN_CHUNK_VALUES input values per chunk the split costs more than it saves,
+    so `auto` runs such batches unsplit, and uses fewer chunks where only some fit."""
+    rec = Recorder()
+    net = BatchThreads(rec, 4, min_values=AUTO_MIN_CHUNK_VALUES)
+    per_item = 64
+    small = AUTO_MIN_CHUNK_VALUES // per_item  # one chunk's worth in all
+    for batch, chunks in ((small, 1), (2 * small, 2), (3 * small + 1, 3), (16 * small, 4)):
+        rec.calls.clear()
+        with torch.no_grad():
+            net(torch.ones(batch, per_item), torch.ones(batch), torch.zeros(batch))
+        assert len(rec.calls) == chunks == net.chunks(batch, per_item), batch
+    assert BatchThreads(rec, 2).chunks(3, 1) == 2  # explicit settings split any batch
 
 
 def test_recipe_field_is_validated():

@@ -123,6 +123,10 @@ def compare(fns: dict[str, Callable[[], None]], work: dict[str, float], units: d
     work[name]: items one call processes (the rate is work / median seconds); units[name]:
     how many steps or evaluations one call makes (for the per-unit milliseconds). Each rate
     is also given as a ratio to "scoretk eager" and to the reference, where they ran.
+
+    "paired vs reference" is the median over repeats of the ratio within each repeat (round
+    A B C). On a shared machine, where the load moves from second to second, it is steadier
+    than the ratio of medians; many short repeats (e.g. --steps 1 --repeats 30) suit it best.
     """
     for name, fn in fns.items():  # warm-up; compiled configurations compile here
         t0 = time.perf_counter()
@@ -134,18 +138,22 @@ def compare(fns: dict[str, Callable[[], None]], work: dict[str, float], units: d
     times = interleaved(fns, repeats, device, warmup=0)
     rates = {k: work[k] / median(v) for k, v in times.items()}
     ref, eager = rates.get(REFERENCE), rates.get("scoretk eager")
+    paired = {k: median([(work[k] / t) / (work[REFERENCE] / r)
+                         for t, r in zip(v, times[REFERENCE])])
+              for k, v in times.items()} if ref else {}
     rows = []
     for k, v in times.items():
         lo, hi = (work[k] / t for t in (max(v), min(v)))
         rows.append([k, f"{rates[k]:.{digits}f}", f"{lo:.{digits}f}-{hi:.{digits}f}",
                      f"{median(v) / units[k] * 1e3:.0f}",
                      f"{rates[k] / eager:.2f}x" if eager else "-",
-                     f"{rates[k] / ref:.2f}x" if ref else "-"])
+                     f"{rates[k] / ref:.2f}x" if ref else "-",
+                     f"{paired[k]:.2f}x" if ref else "-"])
     print(table(["configuration", f"{rate} (median)", "range", per_unit, "vs scoretk eager",
-                 "vs reference"], rows))
+                 "vs reference", "paired vs reference"], rows))
     for n in notes:
         print("note: " + n)
-    return {"rate": rates, "times": times}
+    return {"rate": rates, "times": times, "paired": paired}
 
 
 def check_parameters(n_params: dict[str, int], notes: list[str]) -> None:

@@ -113,3 +113,22 @@ def test_every_ablation_patch_is_reached(benchmarks):
                 net(x, sigma, level)
         if all(obj != "net" for obj, _, _ in patches):
             assert calls, f"ablation {name!r}: its plain form was never called"
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios(benchmarks, capsys, monkeypatch):
+    """Round by round: scoretk twice as fast in every round but the last gives a paired 2.00x,
+    while the ratio of the two medians reads 3.00x."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(BENCH))
+    import torch
+    times = {"scoretk eager": [1.0, 2.0, 1.0], common.REFERENCE: [2.0, 4.0, 3.0]}
+    monkeypatch.setattr(common, "interleaved", lambda fns, *a, **k: times)
+    fns = {k: (lambda: None) for k in times}
+    out = common.compare(fns, {k: 10 for k in fns}, {k: 1 for k in fns}, torch.device("cpu"),
+                         3, rate="images/s", per_unit="ms/step", digits=1, notes=[])
+    assert out["paired"]["scoretk eager"] == pytest.approx(2.0)
+    assert out["rate"]["scoretk eager"] / out["rate"][common.REFERENCE] == pytest.approx(3.0)
+    assert "| paired vs reference |" in capsys.readouterr().out

@@ -54,6 +54,11 @@ def in_threads(fns: Sequence[Callable[[], Any]]) -> list[Any]:
     return results
 
 
+def _split(chunks: int, *batch: Tensor) -> list[tuple[Tensor, ...]]:
+    """(x, sigma, level) -> one (x_i, sigma_i, level_i) per chunk, along the batch."""
+    return list(zip(*(t.tensor_split(chunks) for t in batch)))
+
+
 class _SplitBatch(torch.autograd.Function):
     """Forward and backward of `net` on batch chunks, one thread per chunk. Parameters are
     inputs, so their summed gradients flow into `.grad` as for the plain net (and DDP hooks
@@ -62,8 +67,7 @@ class _SplitBatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, net: nn.Module, chunks: int, x: Tensor, sigma: Tensor, level: Tensor,
                 *params: Tensor) -> Tensor:
-        pieces = list(zip(x.tensor_split(chunks), sigma.tensor_split(chunks),
-                          level.tensor_split(chunks)))
+        pieces = _split(chunks, x, sigma, level)
 
         def run(i: int) -> tuple[list[Tensor], Tensor]:
             xi, si, li = (t.detach() for t in pieces[i])
@@ -134,8 +138,7 @@ class BatchThreads(nn.Module):
         params = [p for p in self.net.parameters() if p.requires_grad]
         if torch.is_grad_enabled() and (params or x.requires_grad or sigma.requires_grad):
             return _SplitBatch.apply(self.net, chunks, x, sigma, level, *params)
-        pieces = list(zip(x.tensor_split(chunks), sigma.tensor_split(chunks),
-                          level.tensor_split(chunks)))
+        pieces = _split(chunks, x, sigma, level)
         return torch.cat(in_threads([functools.partial(self.net, *p) for p in pieces]))
 
 

@@ -106,10 +106,11 @@ class Recorder(nn.Module):
     def __init__(self):
         super().__init__()
         self.w = nn.Parameter(torch.tensor(2.0))
-        self.calls: list[tuple[int, int, int, bool]] = []
+        # the Thread object, not get_ident(): a finished thread's ident can be reused at once
+        self.calls: list[tuple[threading.Thread, int, int, bool]] = []
 
     def forward(self, x, sigma, level):
-        self.calls.append((threading.get_ident(), torch.get_num_threads(), x.shape[0],
+        self.calls.append((threading.current_thread(), torch.get_num_threads(), x.shape[0],
                            torch.is_grad_enabled()))
         return self.w * x / sigma.view(-1, 1)
 

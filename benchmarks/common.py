@@ -40,6 +40,10 @@ def add_common_args(p: argparse.ArgumentParser, *, ngf: int, size: int, batch: i
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc's malloc thresholds alone; by default a CPU run keeps "
+                        "freed memory as `scoretk train` and `scoretk sample` do (for the "
+                        "whole process: the reference too)")
 
 
 def setup(args: argparse.Namespace) -> torch.device:
@@ -49,7 +53,15 @@ def setup(args: argparse.Namespace) -> torch.device:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("benchmark: --device cuda but torch sees no CUDA device")
+    global _MALLOC
+    if device.type == "cpu":
+        from scoretk.cpu_memory import keep_freed_memory
+        kept = not args.system_malloc and keep_freed_memory()
+        _MALLOC = "freed memory kept (as scoretk train)" if kept else "system settings"
     return device
+
+
+_MALLOC = None  # what setup() did to glibc's malloc, for the header
 
 
 def header(title: str, device: torch.device, **settings) -> None:
@@ -67,7 +79,8 @@ def header(title: str, device: torch.device, **settings) -> None:
     print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')} | host: "
           f"{platform.node()} | python {platform.python_version()}")
     print(f"device: {dev} | torch {torch.__version__} | threads: {torch.get_num_threads()} | "
-          f"load average (1/5/15 min) at start: {load}")
+          f"load average (1/5/15 min) at start: {load}"
+          + (f" | malloc: {_MALLOC}" if _MALLOC else ""))
     if settings:
         print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
 

@@ -23,6 +23,7 @@ from scoretk import assemble
 from scoretk.batch_threads import split_batches
 from scoretk.checkpoint import (CheckpointError, RunDir, load_checkpoint, most_recent_run,
                                 sha256_file)
+from scoretk.cpu_memory import keep_freed_memory
 from scoretk.distributed import Dist, pick_device, setup_distributed
 from scoretk.recipe import Recipe, RecipeError, apply_overrides, parse_override
 from scoretk.registry import Registry
@@ -225,6 +226,8 @@ def _prepare(dist: Dist, registry: Registry, existing: SampleStore | None, run_d
     raw_weights = raw_weights or bool(fa.get("raw_weights"))
     keep_float = keep_float or bool(fa.get("keep_float"))
     device = pick_device(device_name, dist)
+    if device.type == "cpu":
+        keep_freed_memory()
     model, net, averager = load_model(ckpt, state, recipe, registry, device, raw_weights)
 
     n = num_samples or fa.get("num_samples") or recipe.sample.num_samples

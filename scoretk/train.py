@@ -25,6 +25,7 @@ from scoretk import assemble
 from scoretk.batch_threads import BatchThreads, split_batches
 from scoretk.checkpoint import RunDir, atomic_write_text, checkpoint_step, load_checkpoint
 from scoretk.components import Dataset
+from scoretk.cpu_memory import keep_freed_memory
 from scoretk.data import augment
 from scoretk.distributed import pick_device, setup_distributed
 from scoretk.recipe import Recipe, RecipeError
@@ -141,6 +142,8 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
     cfg = recipe.train
     dist = setup_distributed(cfg.device)
     device = pick_device(cfg.device, dist)
+    if device.type == "cpu":
+        keep_freed_memory()
     run = RunDir(run_dir or cfg.run_dir or Path("runs") / recipe.name)
     data = assemble.build_data(recipe, registry)
     state = None

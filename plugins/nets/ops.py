@@ -41,20 +41,25 @@ def _elu_forward(x: Tensor, alpha: float) -> Tensor:
 
 def _elu_via_exp(x: Tensor) -> Tensor:
     """ELU (alpha 1) as max(exp(min(x, 0)) - 1, x): exp(x) - 1 >= x for every x, with equality
-    only at 0. PyTorch's CPU kernel evaluates expm1, which costs ~2x exp; exp(x) - 1 differs
-    from expm1(x) by at most one rounding of 1.0 (6e-8 absolute)."""
-    y = torch.clamp(x, max=0)
-    torch.exp(y, out=y)
-    return torch.maximum(y.sub_(1), x, out=y)
+    only at 0. PyTorch's CPU kernel evaluates expm1, which costs ~2x exp."""
+    y = _exp_nonpositive_minus_one(x)
+    return torch.maximum(y, x, out=y)
 
 
 def _elu_(x: Tensor, alpha: float) -> Tensor:
     """ELU in place, for a fresh buffer that nothing else reads (see `layers.norm_act`)."""
     if alpha == 1.0 and x.device.type == "cpu" and x.is_floating_point():
-        y = torch.clamp(x, max=0)  # a short-lived temporary, unlike an output kept for backward
-        torch.exp(y, out=y)
-        return torch.maximum(y.sub_(1), x, out=x)
+        return torch.maximum(_exp_nonpositive_minus_one(x), x, out=x)
     return F.elu_(x, alpha)
+
+
+def _exp_nonpositive_minus_one(x: Tensor) -> Tensor:
+    """exp(min(x, 0)) - 1 in a new buffer. It differs from expm1 by at most one rounding of
+    1.0 (6e-8 absolute). (2**(x*log2 e) - 1 is 1.3x faster on its own, since PyTorch's CPU
+    exp2 costs half its exp, but not in a training step, where the extra pass over memory
+    costs as much.)"""
+    y = torch.clamp(x, max=0)
+    return torch.exp(y, out=y).sub_(1)
 
 
 def _elu_grad_from_output(grad: Tensor, out: Tensor, alpha: float) -> Tensor:

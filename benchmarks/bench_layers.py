@@ -62,6 +62,11 @@ CHANGES = {
         "CUDA, NCHW only: bilinear upsampling in its channels_last kernel",
         [(layers, "_upsample", lambda x, size: F.interpolate(x, size=size, mode="bilinear",
                                                              align_corners=True))]),
+    "dilated weight gradient by taps": (
+        "CPU channels_last: 9 matrix products instead of oneDNN's im2col + GEMM",
+        [(layers.DilatedConv3x3, "forward",
+          lambda self, x: F.conv2d(x, self.weight, self.bias, padding=self.padding,
+                                   dilation=self.dilation))]),
     "channels_last inside": (
         "the net runs channels_last on CPU and CUDA",
         [("net", "layout", "input")]),

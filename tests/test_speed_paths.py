@@ -1,8 +1,9 @@
 """The speed paths compute the same function as the plain one (issue 6).
 
-Fused InstanceNorm++ and ELU (hand-written backward), the stride-2 ConvMeanPool, the
-channels_last layout and torch.compile must agree with the plain formulas / eager NCHW to 1e-4
-relative error, in values and in gradients. Small nets, so this file takes seconds (the
+Fused InstanceNorm++ and ELU (hand-written backward), the stride-2 ConvMeanPool, the dilated
+convolution's tap-by-tap weight gradient, the channels_last layout and torch.compile must
+agree with the plain formulas / eager NCHW to 1e-4 relative error, in values and in
+gradients. Small nets, so this file takes seconds (the
 inductor test is marked slow: it compiles C++).
 """
 from __future__ import annotations
@@ -13,8 +14,9 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from scoretk_plugins.nets import layers, refinenet
+from scoretk_plugins.nets import layers, ops, refinenet
 from scoretk_plugins.nets.layers import (CRP, ELU, ConvMeanPool, CondInstanceNormPP,
                                          InstanceNormPP, NoNorm, ResidualBlock)
 from scoretk_plugins.nets.ops import instance_norm_pp, instance_norm_pp_reference
@@ -354,3 +356,53 @@ def test_no_grad_path_matches_grad_path(kind):
     with torch.no_grad():
         fast = net(x, sigma, level)
     torch.testing.assert_close(fast, net(x, sigma, level).detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dilation", [2, 4])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_dilated_conv_matches_conv2d(dilation, channels_last, bias):
+    """ops.dilated_conv3x3 (weight gradient tap by tap on CPU channels_last) against
+    F.conv2d: values and the gradients of input, weight and bias, on a non-square input."""
+    g = torch.Generator().manual_seed(dilation)
+    x = torch.randn(3, 5, 9, 7, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.randn(6, 5, 3, 3, generator=g, requires_grad=True)
+    b = torch.randn(6, generator=g, requires_grad=True) if bias else None
+    grad = torch.randn(3, 6, 9, 7, generator=g)
+    inputs = [t for t in (x, w, b) if t is not None]
+    ours = ops.dilated_conv3x3(x, w, b, dilation)
+    plain = F.conv2d(x, w, b, padding=dilation, dilation=dilation)
+    assert (type(ours.grad_fn).__name__ == "_DilatedConv3x3Backward") == channels_last
+    assert_close(ours, plain, what="values")
+    for a, r, name in zip(torch.autograd.grad(ours, inputs, grad),
+                          torch.autograd.grad(plain, inputs, grad), ("x", "weight", "bias")):
+        assert_close(a, r, what=f"d/d{name}")
+
+
+def test_dilated_conv_gradcheck_partial_grads_and_double_backward():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, 5, generator=g, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: ops.dilated_conv3x3(*t, 2), (x, w, b))
+    assert torch.autograd.gradgradcheck(lambda *t: ops.dilated_conv3x3(*t, 2), (x, w, b))
+    # the weight alone (an input that needs no gradient, as the first layer's)
+    (dw,) = torch.autograd.grad(ops.dilated_conv3x3(x.detach(), w, b, 2).square().sum(), w)
+    (ref,) = torch.autograd.grad(F.conv2d(x.detach(), w, b, padding=2, dilation=2)
+                                 .square().sum(), w)
+    assert_close(dw, ref, rtol=1e-12, what="d/dweight")
+
+
+def test_dilated_conv_module_loads_plain_conv_weights():
+    """Checkpoints written before DilatedConv3x3 existed (plain nn.Conv2d) load unchanged."""
+    plain = nn.Conv2d(4, 5, 3, padding=2, dilation=2)
+    ours = layers.conv3x3(4, 5, dilation=2)
+    assert isinstance(ours, layers.DilatedConv3x3)
+    ours.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    assert_close(ours(x), plain(x), what="outputs")
+    assert type(layers.conv3x3(4, 5)) is nn.Conv2d

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import elu, instance_norm_pp
+from .ops import dilated_conv3x3, elu, instance_norm_pp
 
 NormFn = Callable[[int], nn.Module]
 """norm(num_channels) -> module called as norm(x, level)."""
@@ -21,7 +21,16 @@ NormFn = Callable[[int], nn.Module]
 
 def conv3x3(dim_in: int, dim_out: int, dilation: int = 1, bias: bool = True) -> nn.Conv2d:
     """3x3 conv that keeps the spatial size (padding = dilation)."""
-    return nn.Conv2d(dim_in, dim_out, 3, padding=dilation, dilation=dilation, bias=bias)
+    kind = DilatedConv3x3 if dilation > 1 else nn.Conv2d
+    return kind(dim_in, dim_out, 3, padding=dilation, dilation=dilation, bias=bias)
+
+
+class DilatedConv3x3(nn.Conv2d):
+    """nn.Conv2d (3x3, padding = dilation > 1; the same parameters and state dict) whose CPU
+    weight gradient is computed tap by tap: see `ops.dilated_conv3x3`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dilated_conv3x3(x, self.weight, self.bias, self.dilation[0])
 
 
 # ---------------------------------------------------------------------------- activation

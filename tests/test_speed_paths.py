@@ -3,8 +3,8 @@
 Fused InstanceNorm++ and ELU (hand-written backward), the stride-2 ConvMeanPool, the dilated
 convolution's tap-by-tap weight gradient, the channels_last layout and torch.compile must
 agree with the plain formulas / eager NCHW to 1e-4 relative error, in values and in
-gradients. Small nets, so this file takes seconds (the
-inductor test is marked slow: it compiles C++).
+gradients. Small nets, so this file takes seconds (the inductor test is marked slow: it
+compiles C++).
 """
 from __future__ import annotations
 

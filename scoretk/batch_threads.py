@@ -5,8 +5,8 @@ the end of each op. A RefineNet step runs thousands of ops, many too small to sh
 oneDNN's weight gradients reduce across threads once per convolution. Running half the batch
 on each core, each op single-threaded, keeps both cores busy from the first op to the last
 and reduces each weight gradient once. At NCSNv2 ngf 32, batch 32 on 2 cores, a training
-step ran 1.00 to 1.07x faster (about 1.03x typical; benchmarks/README.md). Small chunks lose:
-see AUTO_MIN_CHUNK_VALUES.
+step ran 1.00 to 1.07x faster (about 1.03x typical), and about 1.05x once `cpu_memory` kept
+freed memory (benchmarks/README.md). Small chunks lose: see AUTO_MIN_CHUNK_VALUES.
 
 It is exact only for nets whose output for a sample depends on that sample alone (instance or
 group norm, no batch norm): such nets say so with `batch_independent = True`. The values are

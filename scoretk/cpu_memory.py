@@ -3,11 +3,11 @@
 Why: a training step on the CPU allocates and frees hundreds of activation buffers of 1 to
 4 MB. glibc's malloc serves a buffer above its mmap threshold with a fresh mapping, and it
 hands the top of the heap back to the kernel once more than its trim threshold is free. It
-raises both thresholds as it sees large frees, but scoretk's pattern (in-place ops, buffers
-freed in a different order on each chunk thread) keeps defeating that. An NCSNv2 step (ngf
-32, batch 32) then faulted 17,000 to 35,000 pages back in, each zeroed by the kernel, while
-the reference code's step faulted 2,000 to 4,000. With both thresholds raised, the faults
-drop to a few hundred and the step takes 5 to 7% less time (benchmarks/README.md).
+raises both thresholds as it sees large frees, but that did not settle for scoretk's steps:
+an NCSNv2 step (ngf 32, batch 32, split across 2 threads) faulted 17,000 to 35,000 pages back
+in, each zeroed by the kernel, where the reference code's step faulted at most 4,600. With
+both thresholds raised the faults drop to a few hundred, and the split step takes 5 to 7%
+less time (benchmarks/README.md).
 
 The process then keeps its peak heap, which every step reaches anyway. Only glibc's malloc is
 tuned, and not where the environment sets these thresholds itself (MALLOC_MMAP_THRESHOLD_,

@@ -228,11 +228,12 @@ def dilated_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: in
 
     oneDNN has no direct kernel for a dilated weight gradient on AVX2 CPUs and falls back to
     im2col + GEMM: at NCSNv2's 64 channels, 16x16, batch 16 on one thread, 7.2 to 10 ms
-    against 4.6 to 4.9 ms for the 9 products (4.4 to 5.2 ms for an undilated one). The values
+    against 4.6 to 5.7 ms for the 9 products (4.4 to 5.2 ms for an undilated one). The values
     are the same up to float summation order. Used where it was measured: float32/64
-    channels_last inputs on the CPU, in eager mode; elsewhere plain F.conv2d.
+    channels_last inputs on the CPU, in eager mode without autocast; elsewhere plain F.conv2d.
     """
     if (torch.compiler.is_compiling() or x.device.type != "cpu" or not torch.is_grad_enabled()
+            or torch.is_autocast_enabled("cpu")
             or not weight.requires_grad or weight.shape[2:] != (3, 3) or x.dim() != 4
             or x.dtype not in (torch.float32, torch.float64)
             or not x.is_contiguous(memory_format=torch.channels_last)):

@@ -26,11 +26,6 @@ def _plain_msf(self, xs, size, level=None):
                for x, norm, conv in zip(xs, self.norms, self.convs))
 
 
-def _plain_norm(x, gamma, alpha, beta, elu_alpha=None):
-    out = ops.instance_norm_pp_reference(x, gamma, alpha, beta)
-    return out if elu_alpha is None else F.elu(out, elu_alpha)
-
-
 def _unfused_norm_act(norm, act, x, level):
     return act(norm(x, level))
 
@@ -39,7 +34,7 @@ CHANGES = {
     # name: (description, patches as (object, attribute, plain replacement))
     "fused InstanceNorm++": (
         "var/mean once, scale+shift in one pass, hand-written backward",
-        [(layers, "instance_norm_pp", _plain_norm)]),
+        [(layers, "instance_norm_pp", ops._plain_norm)]),
     "InstanceNorm++ and ELU as one op": (
         "ELU in place on the norm's output, one backward for the pair",
         [(layers, "norm_act", _unfused_norm_act), (refinenet, "norm_act", _unfused_norm_act)]),

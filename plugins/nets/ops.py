@@ -8,6 +8,8 @@ formulas (values, gradients, double backward).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -98,8 +100,7 @@ def instance_norm_pp(x: Tensor, gamma: Tensor, alpha: Tensor, beta: Tensor,
     instead, so the compiler can fuse it with its neighbours.
     """
     if torch.compiler.is_compiling():
-        out = instance_norm_pp_reference(x, gamma, alpha, beta)
-        return out if elu_alpha is None else F.elu(out, elu_alpha)
+        return _plain_norm(x, gamma, alpha, beta, elu_alpha)
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (x, gamma, alpha, beta)):
         d, _, _, _, _, scale, shift = _norm_stats(x, gamma, alpha, beta)  # sampling: no ctx
         out = _addcmul_into(shift, d, scale)
@@ -156,21 +157,28 @@ class _InstanceNormPP(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, gamma, alpha, beta, mu, invstd, nm, inv_v, out = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: differentiate the plain formula instead
-            return (*_double_differentiable_grad(x, gamma, alpha, beta, ctx.elu_alpha, grad,
-                                                 ctx.needs_input_grad[:4]), None)
+            plain = functools.partial(_plain_norm, elu_alpha=ctx.elu_alpha)
+            return (*_grads_of_plain(plain, (x, gamma, alpha, beta), ctx.needs_input_grad[:4],
+                                     grad), None)
         if ctx.elu_alpha is not None:
             grad = _elu_grad_from_output(grad, out, ctx.elu_alpha)
         return (*_instance_norm_pp_backward(grad, x, gamma, alpha, mu, invstd, nm, inv_v,
                                             ctx.needs_input_grad), None)
 
 
-def _double_differentiable_grad(x, gamma, alpha, beta, elu_alpha, grad, needs):
-    inputs = [t for t, n in zip((x, gamma, alpha, beta), needs) if n]
+def _plain_norm(x: Tensor, gamma: Tensor, alpha: Tensor, beta: Tensor,
+                elu_alpha: float | None = None) -> Tensor:
+    """instance_norm_pp in plain differentiable ops, the ELU included."""
+    out = instance_norm_pp_reference(x, gamma, alpha, beta)
+    return out if elu_alpha is None else F.elu(out, elu_alpha)
+
+
+def _grads_of_plain(fn, tensors, needs, grad):
+    """The gradients of fn(*tensors) for the tensors in `needs`, through fn's plain autograd
+    graph with create_graph=True: the double-backward path of the hand-written Functions."""
+    inputs = [t for t, n in zip(tensors, needs) if n]
     with torch.enable_grad():
-        out = instance_norm_pp_reference(x, gamma, alpha, beta)
-        if elu_alpha is not None:
-            out = F.elu(out, elu_alpha)
-        grads = iter(torch.autograd.grad(out, inputs, grad, create_graph=True))
+        grads = iter(torch.autograd.grad(fn(*tensors), inputs, grad, create_graph=True))
     return tuple(next(grads) if n else None for n in needs)
 
 
@@ -253,11 +261,8 @@ class _DilatedConv3x3(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         d, needs = ctx.dilation, ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph: differentiate the plain convolution
-            inputs = [t for t, n in zip((x, weight, bias), needs[:3]) if n]
-            with torch.enable_grad():
-                out = F.conv2d(x, weight, bias, padding=d, dilation=d)
-                grads = iter(torch.autograd.grad(out, inputs, grad, create_graph=True))
-            return (*(next(grads) if n else None for n in needs[:3]), None)
+            conv = functools.partial(F.conv2d, padding=d, dilation=d)
+            return (*_grads_of_plain(conv, (x, weight, bias), needs[:3], grad), None)
         grad = grad.contiguous(memory_format=torch.channels_last)
         dx = dw = db = None
         if needs[0]:

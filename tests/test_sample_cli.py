@@ -108,14 +108,15 @@ def test_batch_size_does_not_change_the_samples(ckpts, tmp_path):
 
 
 def test_batch_size_toy_vectors(ckpts, tmp_path):
-    """Float32 vectors: bit-equal while every batch has >= 8 rows; CPU GEMM kernels for fewer
-    rows round differently (last-bit differences, not different samples)."""
+    """Float32 vectors: the same samples whatever the batch size, up to rounding: CPU GEMM
+    kernels pick their blocking by the number of rows and by the CPU (AVX2, AVX-512), so
+    other batch sizes may differ in the last bits (not different samples)."""
     a, b, c = (tmp_path / f"{n}.h5" for n in "abc")
     sample(ckpts["toy"], a, "-n", "48", "--batch-size", "8")
     sample(ckpts["toy"], b, "-n", "48", "--batch-size", "24")
     sample(ckpts["toy"], c, "-n", "48", "--batch-size", "7")
     assert rows(a).shape == (48, 2) and rows(a).dtype == np.float32
-    np.testing.assert_array_equal(rows(a), rows(b))
+    np.testing.assert_allclose(rows(a), rows(b), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(rows(a), rows(c), rtol=1e-5, atol=1e-5)
 
 

@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/scoretk train recipes/quickstart_digits.yaml --restart
 	$(BIN)/scoretk sample --run runs/quickstart_digits -n 100 --out samples.h5 --force --grid samples.png
-	$(BIN)/python -m scoretk.evaluate samples.h5
+	$(BIN)/python -m scoretk.evaluation samples.h5
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -1,5 +1,5 @@
 """Training-step throughput (images/s) of NCSNv2: one step = DSM loss, backward, gradient
-norm, finiteness check, Adam, EMA; scoretk's side calls scoretk.step.TrainStep itself. Per
+norm, finiteness check, Adam, EMA; scoretk's side calls scoretk.training.step.TrainStep itself. Per
 speed option; optionally the same for the public NCSNv2 code (--reference DIR).
 
     python benchmarks/bench_train.py                       # ngf 32, 32 px, batch 32, CPU
@@ -16,11 +16,11 @@ from torch import nn
 from scoretk.assemble import count_parameters
 from scoretk.recipe import OptimConfig
 from scoretk.rng import derive_seed, generator
-from scoretk.step import TrainStep, make_optimiser
+from scoretk.training.step import TrainStep, make_optimiser
 
 
 def ours(args, reg, device: torch.device, combo: str):
-    """A closure running `args.steps` steps of scoretk.step.TrainStep (what `scoretk train`
+    """A closure running `args.steps` steps of scoretk.training.step.TrainStep (what `scoretk train`
     runs per batch) with the options in `combo`."""
     opts = set(combo.split("+"))
     torch.manual_seed(args.seed)

@@ -55,7 +55,7 @@ def setup(args: argparse.Namespace) -> torch.device:
         sys.exit("benchmark: --device cuda but torch sees no CUDA device")
     global _MALLOC
     if device.type == "cpu":
-        from scoretk.cpu_memory import keep_freed_memory
+        from scoretk.execution.cpu_memory import keep_freed_memory
         kept = not args.system_malloc and keep_freed_memory()
         _MALLOC = "freed memory kept (as scoretk train)" if kept else "system settings"
     return device
@@ -220,7 +220,7 @@ def apply_threads(net: torch.nn.Module, device: torch.device,
     """The net as `scoretk train` and `scoretk sample` call it: on CPU, with the batch split
     across torch's threads (`batch_threads: auto`), unless 'unsplit' asks for the plain net
     (`batch_threads: 1`). Compiled nets are not split, here or in scoretk."""
-    from scoretk.batch_threads import split_batches
+    from scoretk.execution.batch_threads import split_batches
     return split_batches(net, 1 if "unsplit" in opts else "auto", device)
 
 

@@ -22,7 +22,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from scoretk.assemble import ComponentError
     from scoretk.checkpoint import CheckpointError
     from scoretk.data import DataError
-    from scoretk.distributed import DeviceError
+    from scoretk.execution.distributed import DeviceError
     from scoretk.recipe import RecipeError
     from scoretk.registry import RegistryError
     from scoretk.store import StoreError
@@ -95,7 +95,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
           run_dir: str | None) -> None:
     """Train the recipe; resumes its run directory's latest checkpoint unless --restart."""
-    from scoretk.train import Interrupted, TrainingError, train as run_training
+    from scoretk.training import Interrupted, TrainingError, train as run_training
 
     try:
         run_training(_load(recipe_path, overrides), _registry(), run_dir=run_dir,
@@ -127,7 +127,7 @@ def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
 @friendly_errors
 def sample(**kwargs: Any) -> None:
     """Generate samples into an HDF5 file, batch by batch (resumable)."""
-    from scoretk.sample import run_sampling
+    from scoretk.generation.sample import run_sampling
 
     run_sampling(registry=_registry(), **kwargs)
 

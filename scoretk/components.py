@@ -56,7 +56,7 @@ class ScoreNet(nn.Module):
 
     batch_independent: bool = False
     """True if each sample's output depends on that sample alone (no batch norm). Such nets
-    may have their batches split across CPU threads (`scoretk.batch_threads`)."""
+    may have their batches split across CPU threads (`scoretk.execution.batch_threads`)."""
 
     def forward(self, x: Tensor, sigma: Tensor, level: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError

@@ -47,7 +47,7 @@ def _batch_threads(value: Any) -> Literal["auto"] | int:
 
 BatchThreadsSetting = Annotated[Literal["auto"] | int, PlainValidator(_batch_threads)]
 _BATCH_THREADS = ("on CPU, split each batch across this many threads, one intra-op thread each "
-                  "(scoretk.batch_threads); auto: torch's thread count for nets whose samples are "
+                  "(scoretk.execution.batch_threads); auto: torch's thread count for nets whose samples are "
                   "independent, in chunks of at least 16k input values; 1: off; ignored off "
                   "the CPU")
 

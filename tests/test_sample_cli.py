@@ -134,7 +134,7 @@ def test_batch_split_across_threads_does_not_change_the_samples(ckpts, tmp_path)
 def test_interrupted_then_resumed_equals_uninterrupted(ckpts, tmp_path, monkeypatch):
     ref, out = tmp_path / "ref.h5", tmp_path / "out.h5"
     sample(ckpts["img"], ref, "-n", "40", "--batch-size", "8")
-    import scoretk.sample as sampling
+    import scoretk.generation.sample as sampling
 
     real, calls = sampling._sample_batch, []
 

@@ -15,12 +15,12 @@ import yaml
 
 from scoretk import checkpoint as ckpt_mod
 from scoretk import hookimpl
-from scoretk.batch_threads import BatchThreads
+from scoretk.execution.batch_threads import BatchThreads
 from scoretk.checkpoint import RunDir, load_checkpoint
 from scoretk.plugins import default_registry, load_plugins
 from scoretk.recipe import Recipe
 from scoretk.registry import Params
-from scoretk.train import StepBatches, TrainingError, train
+from scoretk.training import StepBatches, TrainingError, train
 
 from conftest import run_cli
 

@@ -1,4 +1,4 @@
-"""scoretk.step.TrainStep and make_optimiser: the per-batch work `scoretk train` runs (and
+"""scoretk.training.step.TrainStep and make_optimiser: the per-batch work `scoretk train` runs (and
 benchmarks/bench_train.py times)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from scoretk.recipe import OptimConfig
-from scoretk.step import TrainStep, make_optimiser
+from scoretk.training.step import TrainStep, make_optimiser
 
 
 class Quadratic(nn.Module):

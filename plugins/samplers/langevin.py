@@ -13,11 +13,10 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from scoretk import hookimpl
 from scoretk.components import Noise, ProgressFn, Sampler, Schedule
 from scoretk.registry import Params
 
-from . import ncsn_theory as theory
+from .. import ncsn_theory as theory
 
 
 class LangevinParams(Params):
@@ -140,8 +139,3 @@ class AnnealedLangevin(Sampler):
 def build(params: LangevinParams) -> AnnealedLangevin:
     return AnnealedLangevin(**params.model_dump())
 
-
-@hookimpl
-def scoretk_register(registry) -> None:
-    registry.add("sampler", "annealed_langevin", build, LangevinParams,
-                 "annealed Langevin dynamics, eps by NCSNv2 Proposition 3 unless given")

@@ -20,11 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from scoretk import assemble
-from scoretk.batch_threads import split_batches
+from scoretk.execution.batch_threads import split_batches
 from scoretk.checkpoint import (CheckpointError, RunDir, load_checkpoint, most_recent_run,
                                 sha256_file)
-from scoretk.cpu_memory import keep_freed_memory
-from scoretk.distributed import Dist, pick_device, setup_distributed
+from scoretk.execution.cpu_memory import keep_freed_memory
+from scoretk.execution.distributed import Dist, pick_device, setup_distributed
 from scoretk.recipe import Recipe, RecipeError, apply_overrides, parse_override
 from scoretk.registry import Registry
 from scoretk.rng import PerSampleNoise, derive_seed

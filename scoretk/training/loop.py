@@ -22,17 +22,17 @@ from tqdm import tqdm
 
 import scoretk
 from scoretk import assemble
-from scoretk.batch_threads import BatchThreads, split_batches
+from scoretk.execution.batch_threads import BatchThreads, split_batches
 from scoretk.checkpoint import RunDir, atomic_write_text, checkpoint_step, load_checkpoint
 from scoretk.components import Dataset
-from scoretk.cpu_memory import keep_freed_memory
+from scoretk.execution.cpu_memory import keep_freed_memory
 from scoretk.data import augment
-from scoretk.distributed import pick_device, setup_distributed
+from scoretk.execution.distributed import pick_device, setup_distributed
 from scoretk.recipe import Recipe, RecipeError
 from scoretk.registry import Registry
 from scoretk.rng import PerSampleNoise, derive_seed, generator
-from scoretk.step import TrainStep, make_optimiser
-from scoretk.train_log import LogWindow, open_tensorboard, write_record
+from scoretk.training.step import TrainStep, make_optimiser
+from scoretk.training.log import LogWindow, open_tensorboard, write_record
 
 
 class TrainingError(Exception):

@@ -1,6 +1,6 @@
 """Sample quality against real data, always beside the same figure for held-out real data.
 
-`python -m scoretk.evaluate samples.h5` rebuilds the recipe's dataset, splits it into training
+`python -m scoretk.evaluation samples.h5` rebuilds the recipe's dataset, splits it into training
 and held-out real data, and scores the samples and the held-out set against the training set:
 k-NN precision/recall (Kynkäänniemi et al. 2019), a Fréchet distance, and the class histogram
 of a k-NN classifier on the training set. A number alone means little on tiny data; the
@@ -225,7 +225,7 @@ def read_samples(path: str) -> tuple[np.ndarray, dict[str, Any] | None, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m scoretk.evaluate", description=__doc__.split(
+    ap = argparse.ArgumentParser(prog="python -m scoretk.evaluation", description=__doc__.split(
         "\n")[0])
     ap.add_argument("samples", help="HDF5 sample file (dataset 'samples', attribute 'recipe')")
     ap.add_argument("--reference-recipe", metavar="R",

@@ -189,8 +189,8 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 # ---------------------------------------------------------------------------- scoretk parts
 
 def registry():
-    from scoretk.plugins import default_registry
-    return default_registry()
+    from scoretk.plugins import load_plugins
+    return load_plugins().registry
 
 
 def build_ncsnv2(reg, ngf: int, size: int, channels: int, num_levels: int,

@@ -72,6 +72,10 @@ class DigitsParams(DataParams):
     def item_shape(self) -> tuple[int, ...]:
         return (1, self.size, self.size)
 
+    def heldout_split(self) -> tuple["DigitsParams", "DigitsParams"]:
+        return (self.model_copy(update={"split": "train"}),
+                self.model_copy(update={"split": "test"}))
+
 
 @functools.lru_cache(maxsize=1)
 def _load_digits() -> tuple[Tensor, Tensor]:
@@ -158,6 +162,9 @@ def build_toy2d(params: Toy2dParams) -> TensorData:
 class TorchvisionParams(DataParams):
     root: str = Field(description="directory holding the dataset files (never downloaded)")
     train: bool = Field(True, description="training split (False: test split)")
+
+    def heldout_split(self) -> tuple["TorchvisionParams", "TorchvisionParams"]:
+        return self.model_copy(update={"train": True}), self.model_copy(update={"train": False})
 
 
 class MnistParams(TorchvisionParams):
@@ -246,6 +253,10 @@ class CelebAParams(DataParams):
 
     def item_shape(self) -> tuple[int, ...]:
         return (3, self.image_size, self.image_size)
+
+    def heldout_split(self) -> tuple["CelebAParams", "CelebAParams"]:
+        return (self.model_copy(update={"split": "train"}),
+                self.model_copy(update={"split": "test"}))
 
 
 def build_celeba(params: CelebAParams) -> ImageFiles:

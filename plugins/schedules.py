@@ -44,7 +44,7 @@ class GeometricParams(Params):
             which = "schedule.sigma_max" if self.sigma_max == "auto" else "schedule.num_levels"
             raise ValueError(f"{which} is 'auto' but no dataset was given to derive it from; "
                              "give a number or a dataset")
-        sigma_max = self.sigma_max
+        notes, sigma_max = [], self.sigma_max
         if sigma_max == "auto":
             g = generator if generator is not None else torch.Generator().manual_seed(0)
             idx = torch.randperm(len(data), generator=g)[:max_points].sort().values
@@ -52,11 +52,17 @@ class GeometricParams(Params):
             if not sigma_max > self.sigma_min:
                 raise ValueError(f"schedule.sigma_max: the data's largest pairwise distance "
                                  f"{sigma_max:.4g} is not above sigma_min {self.sigma_min}")
+            notes.append(f"sigma_max = {sigma_max:.6g} (NCSNv2 technique 1: the largest "
+                         f"distance between two of {len(idx):,} training items)")
         L = self.num_levels
         if L == "auto":
-            L = theory.num_levels(sigma_max, self.sigma_min, math.prod(data.shape), self.overlap)
-        return self.model_copy(update={"sigma_max": float(sigma_max), "num_levels": int(L)})
-
+            dim = math.prod(data.shape)
+            L = theory.num_levels(sigma_max, self.sigma_min, dim, self.overlap)
+            notes.append(f"num_levels = {L} (NCSNv2 technique 2: overlap C = {self.overlap:g} "
+                         f"between neighbouring levels in D = {dim} dimensions gives ratio "
+                         f"{theory.gamma_for_overlap(dim, self.overlap):.4f})")
+        resolved = self.model_copy(update={"sigma_max": float(sigma_max), "num_levels": int(L)})
+        return resolved.noted(*notes)
 
 class GeometricSchedule(Schedule):
     def __init__(self, sigma_max: float, sigma_min: float, num_levels: int):

@@ -54,13 +54,24 @@ def _debug() -> bool:
     return bool(ctx and ctx.find_root().obj and ctx.find_root().obj.get("debug"))
 
 
-def _registry():
-    from scoretk.plugins import default_plugins
+def _plugins():
+    """The plugin set, loaded once per command (its warnings printed once) and kept on the
+    root click context, so every part of the command uses the same registry."""
+    root = click.get_current_context().find_root()
+    root.obj = root.obj or {}
+    if "plugins" not in root.obj:
+        from scoretk.plugins import load_plugins
 
-    plugins = default_plugins()
-    for info in plugins.errors:
-        click.echo(f"warning: plugin {info.name!r} ({info.distribution}) {info.error}", err=True)
-    return plugins.registry
+        loaded = load_plugins()
+        for info in loaded.errors:
+            click.echo(f"warning: plugin {info.name!r} ({info.distribution}) {info.error}",
+                       err=True)
+        root.obj["plugins"] = loaded
+    return root.obj["plugins"]
+
+
+def _registry():
+    return _plugins().registry
 
 
 def _load(recipe_path: str, overrides: tuple[str, ...]):
@@ -151,9 +162,7 @@ def inspect(file: str, grid: str | None, count: int) -> None:
 @friendly_errors
 def plugins() -> None:
     """List plugins, their components and load errors."""
-    from scoretk.plugins import default_plugins
-
-    loaded = default_plugins()
+    loaded = _plugins()
     for info in loaded.plugins:
         status = "ok" if info.ok else "ERROR"
         click.echo(f"{info.name} ({info.distribution} {info.version}) [{status}]")

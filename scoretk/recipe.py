@@ -25,6 +25,10 @@ COMPONENT_SECTIONS: dict[str, str] = {
 }
 """Recipe section -> registry kind."""
 
+FIXED_BY_RUN = ("data", "schedule", "net", "loss", "averager")
+"""Sections a training run fixes: a resume must agree on them, and sampling from its
+checkpoint cannot change them (the rest, sampler and loop settings, may change)."""
+
 
 class RecipeError(Exception):
     """A recipe that cannot be used; `str()` is one line: 'file: dotted.field: message'."""

@@ -46,9 +46,9 @@ def test_plan_resolves_and_writes(tmp_path):
                                        "-o", "schedule.sigma_min=0.01",
                                        "-o", "sampler.steps_per_level=5"])
     assert result.exit_code == 0, result.output
-    assert "sigma_max (technique 1): 4.8" in result.output
-    assert "noise levels (technique 2): 21" in result.output
-    assert "eps for T=5: 2.4" in result.output
+    assert "schedule: sigma_max = 4.8" in result.output and "technique 1" in result.output
+    assert "schedule: num_levels = 21 (NCSNv2 technique 2" in result.output
+    assert "sampler: eps = 2.4" in result.output
     planned = yaml.safe_load(out.read_text())
     assert planned["schedule"]["num_levels"] == 21
     assert abs(planned["sampler"]["eps"] - 2.4e-5) < 0.05e-5

@@ -58,6 +58,7 @@ class RefineNet(ScoreNet):
                  conditional: bool, num_levels: int = 1):
         super().__init__()
         self.conditional = conditional
+        self.accepts_any_sigma = not conditional  # v1 reads the level index alone
         norm = partial(CondInstanceNormPP, num_levels=num_levels) if conditional else InstanceNormPP
         inner_norm = norm if conditional else NoNorm
         pool = 'avg' if conditional else 'max'

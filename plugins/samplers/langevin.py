@@ -61,6 +61,10 @@ class AnnealedLangevin(Sampler):
     def evaluations_per_sample(self, schedule: Schedule) -> int:
         return schedule.num_levels * self.T + int(self.denoise)
 
+    @property
+    def starts_from_data(self) -> bool:
+        return self.init == "data"
+
     def settings(self, schedule: Schedule) -> dict:
         eps, ratio = self.resolve_eps(schedule)
         return dict(kind="annealed_langevin", steps_per_level=self.T, eps=eps,

@@ -255,7 +255,7 @@ def _generate(job: _Job, store: SampleStore, dist: Dist, registry: Registry) -> 
     """Sample the missing rows: batch k of the rest goes to rank k % world; ranks append in
     batch order, one at a time, so the file is the single-process one."""
     data = None
-    if getattr(job.recipe.sampler.params, "init", None) == "data":
+    if job.model.sampler.starts_from_data:
         data = assemble.build_data(job.recipe, registry)
     n, b, start = job.num_samples, job.batch_size, store.num_written
     weights = contextlib.nullcontext() if job.raw_weights else job.averager.averaged(job.net)

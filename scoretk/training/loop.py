@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import math
 import shutil
-import signal
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -23,10 +21,11 @@ from tqdm import tqdm
 import scoretk
 from scoretk import assemble
 from scoretk.execution.batch_threads import BatchThreads, split_batches
-from scoretk.checkpoint import RunDir, atomic_write_text, checkpoint_step, load_checkpoint
+from scoretk.checkpoint import RunDir, checkpoint_step, load_checkpoint
 from scoretk.components import Dataset
 from scoretk.execution.cpu_memory import keep_freed_memory
 from scoretk.data import augment
+from scoretk.files import HeldSignals, atomic_write_text
 from scoretk.execution.distributed import pick_device, setup_distributed
 from scoretk.recipe import Recipe, RecipeError
 from scoretk.registry import Registry
@@ -95,29 +94,6 @@ def _batches(data: Dataset, order: StepBatches, start: int, end: int,
     loader = torch.utils.data.DataLoader(_StepDataset(data), batch_sampler=sampler,
                                          num_workers=workers, pin_memory=torch.cuda.is_available())
     yield from loader
-
-
-@contextmanager
-def _stop_requests() -> Iterator[dict]:
-    """SIGINT/SIGTERM set a flag the loop checks after each step, instead of killing it mid-write."""
-    flag = {"signal": None}
-    handlers = {}
-
-    def handle(signum, _frame):
-        if flag["signal"] is not None:  # second Ctrl-C: the user means it
-            raise KeyboardInterrupt
-        flag["signal"] = signum
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            handlers[sig] = signal.signal(sig, handle)
-        except ValueError:  # not the main thread
-            pass
-    try:
-        yield flag
-    finally:
-        for sig, old in handlers.items():
-            signal.signal(sig, old)
 
 
 def _model_sections(recipe_dump: dict) -> dict:
@@ -224,7 +200,7 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
     writer = open_tensorboard(run) if dist.is_main else None
     deadline = time.monotonic() + 60 * cfg.time_limit_minutes if cfg.time_limit_minutes else None
 
-    with _stop_requests() as stop:
+    with HeldSignals(escalate=True) as stop:
         for x in _batches(data, order, step, cfg.iterations, cfg.num_workers):
             g = generator(derive_seed(cfg.seed, "step", step, dist.rank), device)
             x = augment(x.to(device, non_blocking=True), resolved.data.params, g)
@@ -235,7 +211,7 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
             window.add(loss, grad_norm, stats, x.shape[0] * dist.world)
             bar.update(1)
 
-            stopping = stop["signal"] is not None
+            stopping = bool(stop.received)
             out_of_time = deadline is not None and time.monotonic() > deadline
             if dist.world > 1:  # every rank must take the same decision at the same step
                 stopping = bool(dist.max_int(int(stopping)))

@@ -1,6 +1,7 @@
 """Schedule `geometric`: sigma_1 > ... > sigma_L with a constant ratio, given or derived from data.
 
-`sigma_max: auto` applies NCSNv2 Technique 1 and `num_levels: auto` Technique 2; `resolve(data)`
+`sigma_max: auto` applies NCSNv2 Technique 1 and `num_levels: auto` Technique 2
+(docs/theory.md#technique-1, #technique-2); `resolve(data)`
 fills them in once, before `build`, so the resolved numbers can be recorded with the run.
 """
 from __future__ import annotations

@@ -41,7 +41,7 @@ def test_recipe_show_with_auto_schedule_points_to_plan():
 
 def test_plan_resolves_and_writes(tmp_path):
     out = tmp_path / "planned.yaml"
-    # ncsn.md section 8's setting: the digits down to sigma 0.01 with T = 5
+    # docs/theory.md#worked-example-digits: the digits down to sigma 0.01 with T = 5
     result = CliRunner().invoke(main, ["plan", "recipes/quickstart_digits.yaml", "--write", str(out),
                                        "-o", "schedule.sigma_min=0.01",
                                        "-o", "sampler.steps_per_level=5"])

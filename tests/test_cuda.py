@@ -1,4 +1,4 @@
-"""The GPU paths compute the same function as the CPU ones (issue 6).
+"""The GPU paths compute the same function as the CPU ones.
 
 Skipped where torch sees no CUDA device, which includes CI: these run on a lent GPU machine
 (`python -m pytest tests/test_cuda.py`), and benchmarks/README.md records when they last did.

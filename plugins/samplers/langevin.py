@@ -1,4 +1,5 @@
-"""Sampler `annealed_langevin` (ncsn.md section 4), with eps from Proposition 3 by default.
+"""Sampler `annealed_langevin` (docs/theory.md#annealed-langevin), with eps from Proposition 3
+(docs/theory.md#proposition-3) by default.
 
 Step a_i = eps (sigma_i/sigma_L)^2 keeps the step-to-variance ratio a_i/sigma_i^2 equal at every
 level, so one eps (and Prop. 3's rule for it) serves the whole schedule. The loop touches the

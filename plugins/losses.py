@@ -1,6 +1,7 @@
 """Loss `dsm`: denoising score matching over all noise levels (docs/theory.md#dsm-loss).
 
-One level per sample, so every batch trains every part of the schedule; per-level sums are
+One sigma per sample, drawn by the schedule (a level of a discrete schedule, any sigma of a
+continuous one), so every batch trains every part of the schedule. Per-level sums are
 accumulated on the device (scatter_add) so logging costs no host sync.
 """
 from __future__ import annotations
@@ -19,25 +20,35 @@ class DSMParams(Params):
 
 
 class DSMLoss(Loss):
+    """weight(sigma) ||s(x + sigma z, sigma) + z/sigma||^2, averaged over the batch."""
+
     def __init__(self, power: float = 2.0):
         self.power = power
 
+    def weight(self, sigma: Tensor) -> Tensor:
+        """0.5 lambda(sigma), lambda = sigma^power."""
+        return 0.5 * sigma**self.power
+
     def __call__(self, net: nn.Module, x: Tensor, schedule: Schedule,
                  generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        B, L = x.shape[0], schedule.num_levels
-        level = schedule.sample_levels(B, generator, device=x.device)
-        sigma = schedule.sigmas.to(device=x.device, dtype=x.dtype)[level]
+        B = x.shape[0]
+        sigma, level = schedule.sample_sigmas(B, generator, device=x.device)
+        sigma = sigma.to(x.dtype)
         z = torch.randn(x.shape, generator=generator, dtype=x.dtype,
                         device=generator.device if generator is not None else x.device).to(x.device)
         s = sigma.view(B, *(1,) * (x.dim() - 1))
         score = net(x + s * z, sigma, level)
-        # lambda(sigma) * 0.5 ||score - target||^2 with target = -z/sigma
-        per = 0.5 * (score + z / s).flatten(1).pow(2).sum(1) * sigma**self.power
-        stats = {
-            "level_loss_sum": per.detach().new_zeros(L).scatter_add_(0, level, per.detach()),
-            "level_count": level.new_zeros(L).scatter_add_(0, level, torch.ones_like(level)),
-        }
-        return per.mean(), stats
+        per = (score + z / s).flatten(1).pow(2).sum(1) * self.weight(sigma)
+        return per.mean(), level_stats(per.detach(), level, schedule.num_levels)
+
+
+def level_stats(per: Tensor, level: Tensor, num_levels: int) -> dict[str, Tensor]:
+    """Per-level loss sums and counts; samples off the levels (level -1) are left out."""
+    inside = level >= 0
+    idx = level.clamp(min=0)
+    return {"level_loss_sum": per.new_zeros(num_levels).scatter_add_(
+                0, idx, torch.where(inside, per, torch.zeros_like(per))),
+            "level_count": level.new_zeros(num_levels).scatter_add_(0, idx, inside.long())}
 
 
 def build(params: DSMParams) -> DSMLoss:
@@ -47,4 +58,4 @@ def build(params: DSMParams) -> DSMLoss:
 @hookimpl
 def scoretk_register(registry) -> None:
     registry.add("loss", "dsm", build, DSMParams,
-                 "denoising score matching, one random level per sample, lambda = sigma^power")
+                 "denoising score matching, one sigma per sample, lambda = sigma^power")

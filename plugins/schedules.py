@@ -1,8 +1,11 @@
-"""Schedule `geometric`: sigma_1 > ... > sigma_L with a constant ratio, given or derived from data.
+"""Schedules: `geometric` (NCSN's levels), and two that draw a continuous sigma per training
+sample (docs/theory.md#continuous-noise): `log_uniform` (score_sde's VE) and `log_normal` (EDM).
 
+`geometric`: sigma_1 > ... > sigma_L with a constant ratio, given or derived from data.
 `sigma_max: auto` applies NCSNv2 Technique 1 and `num_levels: auto` Technique 2
 (docs/theory.md#technique-1, #technique-2); `resolve(data)`
 fills them in once, before `build`, so the resolved numbers can be recorded with the run.
+`log_uniform` takes the same parameters: its levels are the sampling discretisation.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, model_validator
+from torch import Tensor
 
 from scoretk import hookimpl
 from scoretk.components import Dataset, Schedule
@@ -80,15 +84,97 @@ class GeometricSchedule(Schedule):
                 f"L={self.num_levels}, gamma={self.gamma:.5f})")
 
 
-def build(params: GeometricParams) -> GeometricSchedule:
+class LogUniformSchedule(GeometricSchedule):
+    """Training draws log sigma uniformly between the ends (score_sde's VE SDE); sampling
+    walks the geometric levels."""
+
+    continuous = True
+
+    def sample_sigmas(self, batch_size: int, generator: torch.Generator | None = None,
+                      device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        u = torch.rand(batch_size, generator=generator, dtype=torch.float64,
+                       device=generator.device if generator is not None else "cpu")
+        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
+        sigma = (lo + u * (hi - lo)).exp().float().to(device)
+        return sigma, self.nearest_level(sigma)
+
+    def __repr__(self) -> str:
+        return "LogUniform" + super().__repr__()
+
+
+def _numbers(params: GeometricParams) -> tuple[float, float, int]:
     for name in ("sigma_max", "num_levels"):
         if getattr(params, name) == "auto":
             raise ValueError(f"schedule.{name} is 'auto': resolve it from the dataset first "
                              "(params.resolve(dataset)) or give a number")
-    return GeometricSchedule(params.sigma_max, params.sigma_min, params.num_levels)
+    return params.sigma_max, params.sigma_min, params.num_levels
+
+
+def build(params: GeometricParams) -> GeometricSchedule:
+    return GeometricSchedule(*_numbers(params))
+
+
+def build_log_uniform(params: GeometricParams) -> LogUniformSchedule:
+    return LogUniformSchedule(*_numbers(params))
+
+
+# --- log_normal (EDM) ----------------------------------------------------------------------
+
+class LogNormalParams(Params):
+    """EDM's defaults, for data in scoretk's [0, 1] convention: EDM's images span [-1, 1], twice
+    the range, so its sigmas are halved here (P_mean -1.2 - ln 2, sigma 0.002..80 -> 0.001..40)."""
+
+    p_mean: float = Field(-1.2 - math.log(2), description="mean of log sigma in training")
+    p_std: float = Field(1.2, gt=0, description="standard deviation of log sigma in training")
+    sigma_max: float = Field(40.0, gt=0, description="largest sampling level")
+    sigma_min: float = Field(0.001, gt=0, description="smallest sampling level")
+    num_levels: int = Field(18, ge=2, description="sampling levels, rho-spaced")
+    rho: float = Field(7.0, gt=0, description="levels evenly spaced in sigma^(1/rho); larger "
+                       "packs them towards sigma_min")
+
+    @model_validator(mode="after")
+    def _order(self) -> "LogNormalParams":
+        if self.sigma_max <= self.sigma_min:
+            raise ValueError(f"sigma_max ({self.sigma_max}) must exceed sigma_min ({self.sigma_min})")
+        return self
+
+
+def rho_sigmas(sigma_max: float, sigma_min: float, n: int, rho: float) -> Tensor:
+    """EDM's levels: n sigmas evenly spaced in sigma^(1/rho), ends included; (n,) float32,
+    descending, computed in float64 so the ends are exact."""
+    t = torch.linspace(0, 1, n, dtype=torch.float64)
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return ((a + t * (b - a)) ** rho).float()
+
+
+class LogNormalSchedule(Schedule):
+    """Training draws ln sigma ~ N(P_mean, P_std^2) (EDM); sampling walks rho-spaced levels."""
+
+    continuous = True
+
+    def __init__(self, p: LogNormalParams):
+        self.p_mean, self.p_std = p.p_mean, p.p_std
+        self.sigmas = rho_sigmas(p.sigma_max, p.sigma_min, p.num_levels, p.rho)
+
+    def sample_sigmas(self, batch_size: int, generator: torch.Generator | None = None,
+                      device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        n = torch.randn(batch_size, generator=generator, dtype=torch.float64,
+                        device=generator.device if generator is not None else "cpu")
+        sigma = (self.p_mean + self.p_std * n).exp().float().to(device)
+        return sigma, self.nearest_level(sigma)
+
+    def __repr__(self) -> str:
+        return (f"LogNormalSchedule(ln sigma ~ N({self.p_mean:g}, {self.p_std:g}^2), "
+                f"L={self.num_levels}: {float(self.sigmas[0]):g} -> {float(self.sigmas[-1]):g})")
 
 
 @hookimpl
 def scoretk_register(registry) -> None:
     registry.add("schedule", "geometric", build, GeometricParams,
                  "geometric sigmas; sigma_max/num_levels may be 'auto' (NCSNv2 techniques 1, 2)")
+    registry.add("schedule", "log_uniform", build_log_uniform, GeometricParams,
+                 "training draws log sigma uniformly in [sigma_min, sigma_max] (score_sde VE); "
+                 "samplers walk geometric levels, parameters as geometric")
+    registry.add("schedule", "log_normal", LogNormalSchedule, LogNormalParams,
+                 "training draws ln sigma ~ N(p_mean, p_std^2) (EDM); samplers walk "
+                 "rho-spaced levels")

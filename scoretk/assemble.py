@@ -67,6 +67,12 @@ def build_sampler(recipe: Recipe, registry: Registry) -> Sampler:
 def build_model(recipe: Recipe, registry: Registry, shape: tuple[int, ...]) -> Model:
     schedule = build_schedule(recipe, registry)
     net = _build(recipe, registry, "net", shape=tuple(shape), num_levels=schedule.num_levels)
+    if schedule.continuous and not getattr(net, "accepts_any_sigma", True):
+        raise ComponentError("net", recipe.net.kind, registry.get("net", recipe.net.kind).plugin,
+                             ValueError(f"it reads only the level index, but schedule "
+                                        f"{recipe.schedule.kind!r} draws sigmas between the "
+                                        "levels; use a net that reads sigma or a discrete "
+                                        "schedule"))
     return Model(schedule, net, build_sampler(recipe, registry), tuple(shape))
 
 

@@ -31,9 +31,21 @@ class Noise(Protocol):
 
 
 class Schedule(ABC):
-    """The noise levels sigma_1 > ... > sigma_L (index 0 is the largest)."""
+    """The noise levels sigma_1 > ... > sigma_L (index 0 is the largest) and the sigmas that
+    training draws.
+
+    `sigmas` is always the sampling discretisation, descending: samplers walk it. Training
+    asks `sample_sigmas` for one sigma per sample. A discrete schedule (NCSN) draws one of
+    its levels; a continuous one (`continuous = True`: score_sde's log-uniform, EDM's
+    log-normal) draws any sigma and reports the nearest level, so losses and logs work the same
+    for both (docs/theory.md#continuous-noise).
+    """
 
     sigmas: Tensor  # (L,) float32, strictly descending
+
+    continuous: bool = False
+    """True if training draws sigmas between (or beyond) the levels: nets that know only the
+    level index (`ScoreNet.accepts_any_sigma = False`) cannot train on such a schedule."""
 
     @property
     def num_levels(self) -> int:
@@ -46,12 +58,35 @@ class Schedule(ABC):
                             device=generator.device if generator is not None else "cpu")
         return idx.to(device)
 
+    def sample_sigmas(self, batch_size: int, generator: torch.Generator | None = None,
+                      device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        """(sigma, level) for a training batch, both (B,): float32 sigmas and the long index
+        of each one's level in `sigmas`, or -1 where it lies beyond them. Discrete schedules
+        draw levels (`sample_levels`); continuous ones override this to draw sigmas."""
+        level = self.sample_levels(batch_size, generator, device)
+        return self.sigmas.to(level.device)[level], level
+
+    def nearest_level(self, sigma: Tensor) -> Tensor:
+        """Index of the level nearest to each sigma on a log scale, or -1 for sigmas more than
+        half a step (the end ratio's square root) beyond the first or last level."""
+        log_s = self.sigmas.to(sigma.device, torch.float64).log()
+        if len(log_s) == 1:
+            return torch.zeros(sigma.shape, dtype=torch.long, device=sigma.device)
+        edges = torch.cat([log_s[:1] + (log_s[0] - log_s[1]) / 2, (log_s[:-1] + log_s[1:]) / 2,
+                           log_s[-1:] - (log_s[-2] - log_s[-1]) / 2])
+        # edges descend; bucketize wants them ascending: flip, then count from the top
+        bucket = torch.bucketize(sigma.double().log(), edges.flip(0))
+        level = len(log_s) - bucket
+        return torch.where((bucket == 0) | (bucket > len(log_s)), -1, level)
+
 
 class ScoreNet(nn.Module):
     """s(x, sigma): `forward(x, sigma, level)` with sigma (B,) float and level (B,) long.
 
     Every net receives both: level-conditioned nets (NCSN v1) read `level`, sigma-normalised
-    ones (NCSNv2) read `sigma`, and losses and samplers never need to know which.
+    ones (NCSNv2) read `sigma`, and losses and samplers never need to know which. Under a
+    continuous schedule `level` is the nearest level, or -1 beyond the levels: only nets that
+    read sigma (`accepts_any_sigma`) train there.
     """
 
     batch_independent: bool = False
@@ -60,7 +95,7 @@ class ScoreNet(nn.Module):
 
     accepts_any_sigma: bool = True
     """False for nets that know only the schedule's L levels (NCSN v1 reads `level` alone):
-    samplers that evaluate the net at other sigmas refuse such nets."""
+    samplers that evaluate the net at other sigmas, and continuous schedules, refuse them."""
 
     def forward(self, x: Tensor, sigma: Tensor, level: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError

@@ -6,15 +6,20 @@ the per-sample loss is 0.5 chi2_D / (1 + sigma^2): mean 0.5 D/(1 + sigma^2) and 
 0.5 D/(1 + sigma^2)^2 at each level. (It is 1/(1 + sigma^2), not sigma^2/(1 + sigma^2): the
 residual is Var(z | x~) = 1/(1 + sigma^2) per dimension.) A scaled score c s* gives
 0.5 D (1 - sigma^2 (2c - c^2)/(1 + sigma^2)), larger for every c != 1. For general power p
-the level mean is multiplied by sigma^(p - 2).
+the level mean is multiplied by sigma^(p - 2). A continuous schedule draws sigma per sample:
+the same formulas hold per sample, and for log sigma ~ U[a, b] the p = 2 mean is
+0.5 D [t - ln(1 + e^(2t))/2]_a^b / (b - a), the integral of 1/(1 + e^(2t)).
 """
+import math
+
 import pytest
 import torch
 from pydantic import ValidationError
 from torch import nn
 
 from scoretk_plugins import losses
-from scoretk_plugins.schedules import GeometricSchedule
+from scoretk_plugins.schedules import (GeometricSchedule, LogNormalParams, LogNormalSchedule,
+                                       LogUniformSchedule)
 
 from conftest import registry_of
 
@@ -29,6 +34,7 @@ class GaussScore(nn.Module):
         self.c = c
 
     def forward(self, x, sigma, level):
+        self.sigma, self.level = sigma, level
         return -self.c * x / (1 + sigma[:, None] ** 2)
 
 
@@ -126,3 +132,55 @@ def test_params_validation():
         build(power="x")
     with pytest.raises(ValidationError):
         build(weighting=2)
+
+
+# --- continuous sigmas ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("power", [2.0, 1.0])
+def test_continuous_sigma_reaches_the_minimum(power):
+    sched = LogUniformSchedule(3.0, 0.1, 5)
+    net = GaussScore()
+    loss, stats = build(power=power)(net, data(), sched, torch.Generator().manual_seed(3))
+    sigma = net.sigma.double()
+    assert len(sigma.unique()) > B // 2  # a sigma per sample, not one of 5 levels
+    scale = sigma ** (power - 2) / (1 + sigma**2)
+    mean, var = 0.5 * D * scale, 0.5 * D * scale**2  # given each sample's sigma
+    se = (var.sum().sqrt() / B).item()
+    assert abs(loss.item() - mean.mean().item()) < 4 * se
+    if power == 2.0:  # over the draw of sigma too, against the integral
+        a, b = math.log(0.1), math.log(3.0)
+        antiderivative = lambda t: t - 0.5 * math.log1p(math.exp(2 * t))  # noqa: E731
+        expected = 0.5 * D * (antiderivative(b) - antiderivative(a)) / (b - a)
+        total_se = ((var.mean() + mean.var()) / B).sqrt().item()
+        assert abs(loss.item() - expected) < 4 * total_se
+
+
+@pytest.mark.parametrize("c", [0.8, 1.25])
+def test_continuous_scaled_score_is_worse(c):
+    sched, loss_fn, x = LogUniformSchedule(3.0, 0.1, 5), build(), data()
+    best, _ = loss_fn(GaussScore(1.0), x, sched, torch.Generator().manual_seed(4))
+    worse, _ = loss_fn(GaussScore(c), x, sched, torch.Generator().manual_seed(4))
+    assert worse.item() > best.item()
+
+
+def test_stats_leave_out_sigmas_beyond_the_levels():
+    # Single-point data x0 and the exact score plus 1 per dimension: the residual is exactly 1,
+    # so each sample's loss is 0.5 sigma^2 D, known without the noise.
+    x0 = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
+    seen = {}
+
+    class Offset(nn.Module):
+        def forward(self, x, sigma, level):
+            seen.update(sigma=sigma, level=level)
+            return -(x - x0) / sigma[:, None] ** 2 + 1
+
+    sched = LogNormalSchedule(LogNormalParams(p_mean=0.0, p_std=1.5, sigma_max=3.0,
+                                              sigma_min=0.3, num_levels=6))
+    loss, stats = build()(Offset(), x0.expand(4000, 3), sched, torch.Generator().manual_seed(5))
+    per, level = 0.5 * seen["sigma"] ** 2 * 3, seen["level"]
+    assert loss.item() == pytest.approx(per.mean().item(), rel=1e-9)
+    inside = level >= 0
+    assert 0 < inside.sum() < 4000
+    assert torch.equal(stats["level_count"], torch.bincount(level[inside], minlength=6))
+    expected = torch.zeros(6, dtype=torch.float64).index_add_(0, level[inside], per[inside])
+    assert torch.allclose(stats["level_loss_sum"], expected, rtol=1e-9)

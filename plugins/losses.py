@@ -1,4 +1,5 @@
-"""Loss `dsm`: denoising score matching over all noise levels (docs/theory.md#dsm-loss).
+"""Losses: `dsm`, denoising score matching over all noise levels (docs/theory.md#dsm-loss), and
+`edm`, the same objective under EDM's weighting (docs/theory.md#edm).
 
 One sigma per sample, drawn by the schedule (a level of a discrete schedule, any sigma of a
 continuous one), so every batch trains every part of the schedule. Per-level sums are
@@ -6,13 +7,17 @@ accumulated on the device (scatter_add) so logging costs no host sync.
 """
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
 from scoretk import hookimpl
-from scoretk.components import Loss, Schedule
+from scoretk.components import Dataset, Loss, Schedule
 from scoretk.registry import Params
+
+from .nets.edm import edm_loss_weight, resolve_sigma_data
 
 
 class DSMParams(Params):
@@ -51,11 +56,42 @@ def level_stats(per: Tensor, level: Tensor, num_levels: int) -> dict[str, Tensor
             "level_count": level.new_zeros(num_levels).scatter_add_(0, idx, inside.long())}
 
 
+class EDMLossParams(Params):
+    sigma_data: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="the data's standard deviation in [0, 1] units (as the edm net's); "
+        "auto: measured on the training data")
+
+    def resolve(self, data: Dataset | None) -> "EDMLossParams":
+        return resolve_sigma_data(self, data, "loss")
+
+
+class EDMLoss(DSMLoss):
+    """EDM's lambda(sigma) ||D(x + sigma n, sigma) - x||^2, written through the score
+    (D - x = sigma^2 (s + z/sigma)): the weight on the score's error is lambda sigma^4."""
+
+    def __init__(self, sigma_data: float):
+        super().__init__()
+        self.sigma_data = sigma_data
+
+    def weight(self, sigma: Tensor) -> Tensor:
+        return edm_loss_weight(sigma, self.sigma_data) * sigma**4
+
+
 def build(params: DSMParams) -> DSMLoss:
     return DSMLoss(params.power)
+
+
+def build_edm(params: EDMLossParams) -> EDMLoss:
+    if params.sigma_data == "auto":
+        raise ValueError("loss.sigma_data is 'auto': resolve it from the dataset first "
+                         "(params.resolve(dataset)) or give a number")
+    return EDMLoss(params.sigma_data)
 
 
 @hookimpl
 def scoretk_register(registry) -> None:
     registry.add("loss", "dsm", build, DSMParams,
                  "denoising score matching, one sigma per sample, lambda = sigma^power")
+    registry.add("loss", "edm", build_edm, EDMLossParams,
+                 "denoising score matching with EDM's weighting (sigma^2 + sigma_data^2)/"
+                 "(sigma sigma_data)^2 on ||D - x||^2")

@@ -7,13 +7,15 @@ names the file and the dotted field, so a bad recipe fails in a second, not an h
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, PrivateAttr,
+                      SerializationInfo, ValidationError, model_serializer, model_validator)
 
-from scoretk.registry import Registry, RegistryError
+from scoretk.registry import Component, Registry, RegistryError
 
 COMPONENT_SECTIONS: dict[str, str] = {
     "data": "dataset",
@@ -96,15 +98,51 @@ class SampleConfig(_Strict):
     batch_threads: BatchThreadsSetting = Field("auto", description=_BATCH_THREADS)
 
 
+@dataclass(frozen=True)
+class Nested:
+    """Marks a params field that holds another component's `{kind: ..., ...}` block:
+    `inner: Annotated[ComponentSpec, Nested("net")]`. The recipe validates it like a section,
+    through the registry (so any registered component of that kind fits; errors name
+    `net.inner.channels`), and the factory builds it with `spec.build(**context)`."""
+
+    kind: str
+
+
 class ComponentSpec(BaseModel):
-    """A validated `{kind: name, ...params}` block."""
+    """A validated `{kind: name, ...params}` block; dumped flat, as it is written."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
     kind: str
     params: Any
+    _component: Component | None = PrivateAttr(None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_raw(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "params" not in value:
+            raise ValueError("a nested {kind: ...} block is validated against the registry "
+                             "when the recipe loads (Recipe.from_dict), not on its own")
+        return value
+
+    @model_serializer(mode="plain")
+    def _flat(self, info: SerializationInfo) -> dict[str, Any]:
+        params = self.params.model_dump(mode=info.mode) if self.params is not None else {}
+        return {"kind": self.kind, **params}
 
     def dump(self) -> dict[str, Any]:
-        return {"kind": self.kind, **self.params.model_dump(mode="json")}
+        return self.model_dump(mode="json")
+
+    def build(self, **context: Any) -> Any:
+        """The component, from the registry entry it was validated against."""
+        if self._component is None:
+            raise ValueError(f"{self.kind!r}: this block was not validated against a registry")
+        return self._component.build(self.params, **context)
+
+
+def nested_fields(params_model: type[BaseModel]) -> dict[str, str]:
+    """{field: component kind} for the fields marked `Nested`."""
+    return {name: meta.kind for name, info in params_model.model_fields.items()
+            for meta in info.metadata if isinstance(meta, Nested)}
 
 
 class Recipe(_Strict):
@@ -163,6 +201,8 @@ class Recipe(_Strict):
 
 def _validate_component(block: Any, section: str, kind: str, registry: Registry,
                         source: str) -> ComponentSpec:
+    """Check a `{kind: name, ...}` block (and the blocks nested in it) against the params
+    model its plugin registered; `section` is the dotted place it sits, named in errors."""
     if not isinstance(block, dict):
         raise RecipeError(source, section, f"expected a mapping like {{kind: <{kind} name>, ...}}"
                           f", got {type(block).__name__}")
@@ -175,11 +215,17 @@ def _validate_component(block: Any, section: str, kind: str, registry: Registry,
         comp = registry.get(kind, str(name))
     except RegistryError as exc:
         raise RecipeError(source, f"{section}.kind", str(exc)) from None
+    for field, inner_kind in nested_fields(comp.params).items():
+        if field in block:
+            block[field] = _validate_component(block[field], f"{section}.{field}", inner_kind,
+                                               registry, source)
     try:
         params = comp.params.model_validate(block)
     except ValidationError as exc:
         raise _from_validation(exc, source, prefix=section) from None
-    return ComponentSpec(kind=comp.name, params=params)
+    spec = ComponentSpec(kind=comp.name, params=params)
+    spec._component = comp
+    return spec
 
 
 def _from_validation(exc: ValidationError, source: str, prefix: str = "") -> RecipeError:

@@ -229,7 +229,7 @@ def test_unsupported_shapes_are_clear_errors(registry, kind, shape, match):
 def test_loaded_as_a_plugin():
     info = {p.name: p for p in load_plugins(autoload=False).plugins}["nets"]
     assert info.ok, info.error
-    assert {c.name for c in info.components} == set(NAMES)
+    assert {c.name for c in info.components} == set(NAMES) | {"edm"}
 
 
 def test_convnet_shape_and_sigma_normalisation():

@@ -6,10 +6,11 @@ from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, model_validator
-from torch import Tensor
+from torch import Tensor, nn
 
-from scoretk.components import Condition, Noise, Schedule
+from scoretk.components import Condition, Noise, ProgressFn, Sampler, Schedule
 from scoretk.registry import Params
+from scoretk.score import ScoreFn
 
 Init = Literal["uniform", "gaussian", "data"]
 
@@ -82,8 +83,28 @@ def noised(condition: Condition | None, x: Tensor, sigma: float, noise: Noise) -
     return condition.impose(x, sigma, noise.randn(tuple(x.shape[1:])).to(x.device))
 
 
-def finish(x: Tensor, condition: Condition | None, clamp: bool) -> Tensor:
-    """The known part exact, then the optional clip."""
-    if condition is not None:
-        x = condition.impose(x, 0.0)
-    return x.clamp_(0, 1) if clamp else x
+class ParamsSampler(Sampler):
+    """A sampler configured by its params model `p` (with StartParams' init and clamp)."""
+
+    def __init__(self, p: StartParams):
+        self.p = p
+
+    @property
+    def starts_from_data(self) -> bool:
+        return self.p.init == "data"
+
+    def start(self, net: nn.Module, schedule: Schedule, shape: tuple[int, ...], noise: Noise,
+              init: Tensor | None, device: torch.device | str, progress: ProgressFn | None,
+              sigma_max: float, limit: int | None = None) -> tuple[ScoreFn, Tensor]:
+        """Check the net, then (the score function counting evaluations, the first state)."""
+        self.check_net(net)
+        score = ScoreFn(net, schedule.sigmas, progress=progress, limit=limit,
+                        total=self.evaluations_per_sample(schedule))
+        return score, initial_state(self.p.init, noise, tuple(shape), sigma_max, init, device)
+
+    def finish(self, x: Tensor, score: ScoreFn, condition: Condition | None) -> Tensor:
+        """Record the evaluations made; the known part exact; the optional clip."""
+        self.last_evaluations = score.evaluations
+        if condition is not None:
+            x = condition.impose(x, 0.0)
+        return x.clamp_(0, 1) if self.p.clamp else x

@@ -15,10 +15,10 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from scoretk.components import Condition, Noise, ProgressFn, Sampler, Schedule
+from scoretk.components import Condition, Noise, ProgressFn, Schedule
 from scoretk.score import ScoreFn
 
-from .common import StartParams, finish, initial_state, noised
+from .common import ParamsSampler, StartParams, noised
 
 
 class ConsistentParams(StartParams):
@@ -57,9 +57,8 @@ def consistent_annealed(score: ScoreFn, x: Tensor, sigmas: list[float], noise: N
     return x
 
 
-class ConsistentAnnealed(Sampler):
-    def __init__(self, p: ConsistentParams):
-        self.p = p
+class ConsistentAnnealed(ParamsSampler):
+    p: ConsistentParams
 
     def resolve_eta(self, schedule: Schedule) -> float:
         sigmas = schedule.sigmas.tolist()
@@ -76,10 +75,6 @@ class ConsistentAnnealed(Sampler):
     def evaluations_per_sample(self, schedule: Schedule) -> int:
         return schedule.num_levels
 
-    @property
-    def starts_from_data(self) -> bool:
-        return self.p.init == "data"
-
     def settings(self, schedule: Schedule) -> dict:
         eta = self.resolve_eta(schedule)
         return dict(kind="consistent_annealed", eps=eta * float(schedule.sigmas[-1]) ** 2,
@@ -93,9 +88,7 @@ class ConsistentAnnealed(Sampler):
                progress: ProgressFn | None = None,
                condition: Condition | None = None) -> Tensor:
         eta, sigmas = self.resolve_eta(schedule), schedule.sigmas.tolist()
-        score = ScoreFn(net, sigmas, progress=progress, total=len(sigmas))
-        x = initial_state(self.p.init, noise, tuple(shape), sigmas[0], init, device)
+        score, x = self.start(net, schedule, shape, noise, init, device, progress, sigmas[0])
         x = consistent_annealed(score, x, sigmas, noise, eta=eta, denoise=self.p.denoise,
                                 condition=condition)
-        self.last_evaluations = score.evaluations
-        return finish(x, condition, self.p.clamp)
+        return self.finish(x, score, condition)

@@ -13,12 +13,12 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from scoretk.components import Condition, Noise, ProgressFn, Sampler, Schedule
+from scoretk.components import Condition, Noise, ProgressFn, Schedule
 from scoretk.flow import flow_derivative, integrate_adaptive
 from scoretk.score import ScoreFn, require_any_sigma
 
-from .common import GridParams, finish, initial_state, sigma_grid
-from .heun import heun
+from .common import GridParams, ParamsSampler
+from .heun import Heun, HeunParams
 
 
 class FlowParams(GridParams):
@@ -51,34 +51,36 @@ def adaptive_flow(score: ScoreFn, x: Tensor, sigma_max: float, sigma_min: float,
     return x
 
 
-class ProbabilityFlow(Sampler):
+class ProbabilityFlow(ParamsSampler):
+    p: FlowParams
+
     def __init__(self, p: FlowParams):
-        self.p = p
+        super().__init__(p)
+        grid = p.model_dump(include={"spacing", "steps", "rho", "denoise", "init", "clamp"})
+        self.fixed = None if p.solver == "adaptive" else Heun(HeunParams(**grid))
+        if self.fixed is not None:
+            self.fixed.kind = "probability_flow"  # names this sampler when it refuses a net
 
     def evaluations_per_sample(self, schedule: Schedule) -> int:
-        if self.p.solver == "adaptive":
-            return self.p.max_evaluations  # at most; last_evaluations says how many
-        return 2 * ((self.p.steps or schedule.num_levels) - 1) + int(self.p.denoise)
-
-    @property
-    def starts_from_data(self) -> bool:
-        return self.p.init == "data"
+        if self.fixed is not None:
+            return self.fixed.evaluations_per_sample(schedule)
+        return self.p.max_evaluations  # at most; last_evaluations says how many
 
     def check_net(self, net: nn.Module) -> None:
-        if self.p.solver == "adaptive":
+        if self.fixed is not None:
+            self.fixed.check_net(net)
+        else:
             require_any_sigma(net, "sampler probability_flow with solver: adaptive")
-        elif self.p.spacing == "rho":
-            require_any_sigma(net, "sampler probability_flow with spacing: rho")
 
     def settings(self, schedule: Schedule) -> dict:
-        out = dict(kind="probability_flow", solver=self.p.solver, denoise=self.p.denoise,
-                   init=self.p.init, clamp=self.p.clamp)
-        if self.p.solver == "adaptive":
-            out.update(method=self.p.method, rtol=self.p.rtol, atol=self.p.atol,
-                       evaluations_rule="adaptive: at most evaluations_per_sample")
+        p = self.p
+        out = dict(kind="probability_flow", solver=p.solver, denoise=p.denoise, init=p.init,
+                   clamp=p.clamp)
+        if self.fixed is not None:
+            out.update(spacing=p.spacing, steps=p.steps or schedule.num_levels, rho=p.rho)
         else:
-            out.update(spacing=self.p.spacing, steps=self.p.steps or schedule.num_levels,
-                       rho=self.p.rho)
+            out.update(method=p.method, rtol=p.rtol, atol=p.atol,
+                       evaluations_rule="adaptive: at most evaluations_per_sample")
         return {**out, "evaluations_per_sample": self.evaluations_per_sample(schedule)}
 
     @torch.no_grad()
@@ -86,18 +88,14 @@ class ProbabilityFlow(Sampler):
                *, device: torch.device | str = "cpu", init: Tensor | None = None,
                progress: ProgressFn | None = None,
                condition: Condition | None = None) -> Tensor:
-        self.check_net(net)
-        p, total = self.p, self.evaluations_per_sample(schedule)
-        adaptive = p.solver == "adaptive"
-        score = ScoreFn(net, schedule.sigmas, progress=progress, total=total,
-                        limit=total if adaptive else None)
-        s_max, s_min = float(schedule.sigmas[0]), float(schedule.sigmas[-1])
-        x = initial_state(p.init, noise, tuple(shape), s_max, init, device)
-        if adaptive:
-            x = adaptive_flow(score, x, s_max, s_min, noise, rtol=p.rtol, atol=p.atol,
-                              method=p.method, denoise=p.denoise, condition=condition)
-        else:
-            sigmas = sigma_grid(schedule, p.spacing, p.steps, p.rho) + [0.0] * p.denoise
-            x = heun(score, x, sigmas, noise, condition=condition)
-        self.last_evaluations = score.evaluations
-        return finish(x, condition, p.clamp)
+        if self.fixed is not None:
+            x = self.fixed.sample(net, schedule, shape, noise, device=device, init=init,
+                                  progress=progress, condition=condition)
+            self.last_evaluations = self.fixed.last_evaluations
+            return x
+        p, s_max, s_min = self.p, float(schedule.sigmas[0]), float(schedule.sigmas[-1])
+        score, x = self.start(net, schedule, shape, noise, init, device, progress, s_max,
+                              limit=p.max_evaluations)
+        x = adaptive_flow(score, x, s_max, s_min, noise, rtol=p.rtol, atol=p.atol,
+                          method=p.method, denoise=p.denoise, condition=condition)
+        return self.finish(x, score, condition)

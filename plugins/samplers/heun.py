@@ -15,11 +15,11 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from scoretk.components import Condition, Noise, ProgressFn, Sampler, Schedule
+from scoretk.components import Condition, Noise, ProgressFn, Schedule
 from scoretk.flow import flow_derivative, heun_step
 from scoretk.score import ScoreFn, require_any_sigma
 
-from .common import GridParams, finish, initial_state, sigma_grid
+from .common import GridParams, ParamsSampler, sigma_grid
 
 MAX_GAMMA = math.sqrt(2) - 1
 """EDM's cap on the churn: sigma is raised by at most a factor sqrt(2)."""
@@ -63,9 +63,11 @@ def heun(score: ScoreFn, x: Tensor, sigmas: list[float], noise: Noise, *, s_chur
     return x
 
 
-class Heun(Sampler):
-    def __init__(self, p: HeunParams):
-        self.p = p
+class Heun(ParamsSampler):
+    """Also `probability_flow`'s fixed-step solver (without churn)."""
+
+    p: HeunParams
+    kind = "heun"
 
     def grid(self, schedule: Schedule) -> list[float]:
         """The sigmas visited, with the final 0 when denoising."""
@@ -76,15 +78,11 @@ class Heun(Sampler):
         n = self.p.steps or schedule.num_levels
         return 2 * (n - 1) + int(self.p.denoise)
 
-    @property
-    def starts_from_data(self) -> bool:
-        return self.p.init == "data"
-
     def check_net(self, net: nn.Module) -> None:
         if self.p.spacing == "rho":
-            require_any_sigma(net, "sampler heun with spacing: rho")
+            require_any_sigma(net, f"sampler {self.kind} with spacing: rho")
         if self.p.s_churn > 0:
-            require_any_sigma(net, "sampler heun with s_churn > 0")
+            require_any_sigma(net, f"sampler {self.kind} with s_churn > 0")
 
     def settings(self, schedule: Schedule) -> dict:
         grid = self.grid(schedule)
@@ -99,12 +97,8 @@ class Heun(Sampler):
                *, device: torch.device | str = "cpu", init: Tensor | None = None,
                progress: ProgressFn | None = None,
                condition: Condition | None = None) -> Tensor:
-        self.check_net(net)
         sigmas = self.grid(schedule)
-        score = ScoreFn(net, schedule.sigmas, progress=progress,
-                        total=self.evaluations_per_sample(schedule))
-        x = initial_state(self.p.init, noise, tuple(shape), sigmas[0], init, device)
+        score, x = self.start(net, schedule, shape, noise, init, device, progress, sigmas[0])
         x = heun(score, x, sigmas, noise, s_churn=self.p.s_churn, s_tmin=self.p.s_tmin,
                  s_tmax=self.p.s_tmax, s_noise=self.p.s_noise, condition=condition)
-        self.last_evaluations = score.evaluations
-        return finish(x, condition, self.p.clamp)
+        return self.finish(x, score, condition)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from scoretk.components import Condition, Noise, ProgressFn, Sampler, Schedule
 
 from .. import ncsn_theory as theory
-from .common import Init, StartParams, finish, geometric_ratio, initial_state, noised
+from .common import Init, StartParams, geometric_ratio, initial_state, noised
 
 
 class LangevinParams(StartParams):
@@ -27,9 +27,8 @@ class LangevinParams(StartParams):
         "auto", description="step at sigma_L (a_i = eps sigma_i^2/sigma_L^2, the released "
         "code's convention); auto: NCSNv2 Proposition 3 for this T")
     denoise: bool = Field(True, description="final Tweedie step x + sigma_L^2 s (one evaluation)")
-    init: Init = Field("uniform", description="starting point: uniform U[0,1]^D (the released "
-                       "code's), gaussian N(0, sigma_1^2 I), or data (a training item plus "
-                       "sigma_1 noise; the core then loads the dataset)")
+    init: Init = Field("uniform", description="starting point as for the other samplers; "
+                       "uniform U[0,1]^D, the released code's, by default")
     diagnostics: bool = Field(False, description="log per-level health numbers "
                               "(diagnostics_log; syncs with the device)")
 
@@ -94,7 +93,9 @@ class AnnealedLangevin(Sampler):
             if progress is not None:
                 progress(total, total)
         self.last_evaluations = total
-        return finish(x, condition, self.clamp)
+        if condition is not None:
+            x = condition.impose(x, 0.0)
+        return x.clamp_(0, 1) if self.clamp else x
 
     @torch.no_grad()
     def run_levels(self, net: nn.Module, x: Tensor, sigmas: Tensor, noise: Noise, *, eps: float,

@@ -14,10 +14,10 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from scoretk.components import Condition, Noise, ProgressFn, Sampler, Schedule
+from scoretk.components import Condition, Noise, ProgressFn, Schedule
 from scoretk.score import ScoreFn
 
-from .common import StartParams, finish, initial_state, noised
+from .common import ParamsSampler, StartParams, noised
 
 
 class PCParams(StartParams):
@@ -69,16 +69,11 @@ def predictor_corrector(score: ScoreFn, x: Tensor, sigmas: list[float], noise: N
     return x
 
 
-class PredictorCorrector(Sampler):
-    def __init__(self, p: PCParams):
-        self.p = p
+class PredictorCorrector(ParamsSampler):
+    p: PCParams
 
     def evaluations_per_sample(self, schedule: Schedule) -> int:
         return schedule.num_levels * (self.p.corrector_steps + 1)
-
-    @property
-    def starts_from_data(self) -> bool:
-        return self.p.init == "data"
 
     def settings(self, schedule: Schedule) -> dict:
         return dict(kind="pc", predictor="reverse_diffusion", corrector="langevin",
@@ -93,11 +88,8 @@ class PredictorCorrector(Sampler):
                progress: ProgressFn | None = None,
                condition: Condition | None = None) -> Tensor:
         sigmas = schedule.sigmas.tolist()
-        score = ScoreFn(net, sigmas, progress=progress,
-                        total=self.evaluations_per_sample(schedule))
-        x = initial_state(self.p.init, noise, tuple(shape), sigmas[0], init, device)
+        score, x = self.start(net, schedule, shape, noise, init, device, progress, sigmas[0])
         x = predictor_corrector(score, x, sigmas, noise, snr=self.p.snr,
                                 corrector_steps=self.p.corrector_steps, norms=self.p.norms,
                                 condition=condition)
-        self.last_evaluations = score.evaluations
-        return finish(x, condition, self.p.clamp)
+        return self.finish(x, score, condition)

@@ -85,6 +85,8 @@ def test_cli_report(digits, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "precision (k=3)" in out and "Frechet distance" in out and "(pixels)" in out
     assert "held-out" in out and out.strip().splitlines()[-1].startswith("PASS")
+    assert main([str(path), "--tolerance", "0.05", "--require-pass"]) == 0  # real vs real
+    assert "within 0.05 of held-out real" in capsys.readouterr().out
 
 
 def test_cli_reference_recipe_and_errors(digits, tmp_path, capsys):
@@ -96,6 +98,8 @@ def test_cli_reference_recipe_and_errors(digits, tmp_path, capsys):
     recipe.write_text("data: {kind: digits}\n")
     assert main([str(path), "--reference-recipe", str(recipe), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["pass"] is False  # a report: exit 0 on FAIL
+    assert main([str(path), "--reference-recipe", str(recipe), "--require-pass"]) == 1
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("FAIL")
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"not hdf5")
     assert main([str(bad)]) == 2

@@ -47,11 +47,20 @@ class ELU(nn.ELU):
 
 # ---------------------------------------------------------------------------- normalisation
 
+def _check_norm_channels(dim: int) -> None:
+    """InstanceNorm++ normalises the channel means by their unbiased variance over channels,
+    which one channel does not have."""
+    if dim < 2:
+        raise ValueError(f"InstanceNorm++ needs at least 2 channels, got {dim} (the unbiased "
+                         "variance of the channel means is undefined for one)")
+
+
 class InstanceNormPP(nn.Module):
     """Unconditional InstanceNorm++ (NCSNv2): one (gamma, alpha, beta); ignores `level`."""
 
     def __init__(self, dim: int):
         super().__init__()
+        _check_norm_channels(dim)
         self.gamma = nn.Parameter(torch.empty(dim).normal_(1., 0.02))
         self.alpha = nn.Parameter(torch.empty(dim).normal_(1., 0.02))
         self.beta = nn.Parameter(torch.zeros(dim))
@@ -68,6 +77,7 @@ class CondInstanceNormPP(nn.Module):
 
     def __init__(self, dim: int, num_levels: int):
         super().__init__()
+        _check_norm_channels(dim)
         self.embed = nn.Embedding(num_levels, 3 * dim)
         with torch.no_grad():
             self.embed.weight[:, :2 * dim].normal_(1., 0.02)  # gamma, alpha

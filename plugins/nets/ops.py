@@ -91,14 +91,21 @@ def instance_norm_pp(x: Tensor, gamma: Tensor, alpha: Tensor, beta: Tensor,
     """InstanceNorm++: instance norm, plus the (normalised) channel means added back through
     alpha, because plain instance norm throws away colour / brightness shifts between channels.
 
-    gamma, alpha, beta: (B, C) or (1, C).
-    z_k = gamma_k (x_k - mu_k)/s_k + beta_k + alpha_k (mu_k - m)/v
+    gamma, alpha, beta: (B, C) or (1, C). With h_k = (x_k - mu_k)/s_k (instance norm) and
+    mu_hat_k = (mu_k - m)/v, m and v^2 the mean and the unbiased variance of the channel
+    means mu_k over the C channels (so C >= 2):
+    z_k = gamma_k (h_k + alpha_k mu_hat_k) + beta_k,
+    the function of the released NCSN/NCSNv2 code and checkpoints (the NCSN paper's appendix
+    writes alpha's term outside gamma, with a biased variance: other weights, other function).
     With `elu_alpha`, returns ELU(z) instead (see `layers.norm_act`).
 
     Eager mode runs a fused version (`_InstanceNormPP`: 3 passes over x forward, a hand-written
     backward); under torch.compile the plain formula (`instance_norm_pp_reference`) is traced
     instead, so the compiler can fuse it with its neighbours.
     """
+    if x.shape[1] < 2:
+        raise ValueError(f"InstanceNorm++ needs at least 2 channels (the channel means' "
+                         f"unbiased variance), got {x.shape[1]}")
     if torch.compiler.is_compiling():
         return _plain_norm(x, gamma, alpha, beta, elu_alpha)
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (x, gamma, alpha, beta)):
@@ -113,24 +120,24 @@ def instance_norm_pp_reference(x: Tensor, gamma: Tensor, alpha: Tensor, beta: Te
     mu = x.mean(dim=(2, 3), keepdim=True)
     s = x.var(dim=(2, 3), keepdim=True, unbiased=False).add(EPS).sqrt()
     m = mu.mean(dim=1, keepdim=True)
-    v = mu.var(dim=1, keepdim=True, unbiased=False).add(EPS).sqrt()
+    v = mu.var(dim=1, keepdim=True, unbiased=True).add(EPS).sqrt()
     gamma, alpha, beta = (t[:, :, None, None] for t in (gamma, alpha, beta))
-    return gamma * (x - mu) / s + beta + alpha * (mu - m) / v
+    return gamma * ((x - mu) / s + alpha * (mu - m) / v) + beta
 
 
 def _norm_stats(x: Tensor, gamma: Tensor, alpha: Tensor, beta: Tensor):
     """(x - mu, mu, 1/s, normalised channel means, 1/v, scale, shift); all but the first are
-    (B, C, 1, 1)."""
+    (B, C, 1, 1). z = (x - mu)*scale + shift, scale = gamma/s, shift = beta + gamma*alpha*nm."""
     mu = x.mean(dim=(2, 3), keepdim=True)
     d = x - mu
     var = torch.mul(d, d).mean(dim=(2, 3), keepdim=True)  # two-pass: no cancellation
     invstd = var.add_(EPS).rsqrt_()
-    mvar, m = torch.var_mean(mu, dim=1, keepdim=True, unbiased=False)
+    mvar, m = torch.var_mean(mu, dim=1, keepdim=True, unbiased=True)
     inv_v = mvar.add_(EPS).rsqrt_()
     nm = (mu - m).mul_(inv_v)
     g4, a4, b4 = (t[:, :, None, None] for t in (gamma, alpha, beta))
     scale = g4 * invstd
-    shift = torch.addcmul(b4, a4, nm)
+    shift = torch.addcmul(b4, g4 * a4, nm)
     return d, mu, invstd, nm, inv_v, scale, shift
 
 
@@ -183,11 +190,14 @@ def _grads_of_plain(fn, tensors, needs, grad):
 
 
 def _instance_norm_pp_backward(grad, x, gamma, alpha, mu, invstd, nm, inv_v, needs):
-    """z = gamma*(x - mu)*invstd + beta + alpha*nm, nm = (mu - m)*inv_v over channels.
+    """z = gamma*(xhat + alpha*nm) + beta, xhat = (x - mu)*invstd, nm = (mu - m)*inv_v over
+    channels (inv_v from the unbiased variance: C - 1 divides the sum of squares).
 
-    With xhat = (x - mu)*invstd, sg = sum_hw grad, sgx = sum_hw grad*xhat, n = H*W:
+    With sg = sum_hw grad, sgx = sum_hw grad*xhat, n = H*W:
+    dbeta = sg, dgamma = sgx + alpha*nm*sg, dalpha = gamma*nm*sg, and
     dx = gamma*invstd*(grad - sg/n - xhat*sgx/n) + dmu/n, where dmu is the gradient reaching mu
-    through the alpha term (a layer-norm backward over channels).
+    through nm: with dnm = gamma*alpha*sg,
+    dmu = inv_v*(dnm - mean_c dnm - nm*sum_c(dnm*nm)/(C - 1)).
     """
     n = x.shape[2] * x.shape[3]
     g4, a4 = gamma[:, :, None, None], alpha[:, :, None, None]
@@ -196,15 +206,15 @@ def _instance_norm_pp_backward(grad, x, gamma, alpha, mu, invstd, nm, inv_v, nee
     sgx = torch.mul(grad, d).sum(dim=(2, 3), keepdim=True).mul_(invstd)
     dgamma = dalpha = dbeta = dx = None
     if needs[1]:
-        dgamma = _reduce_like(sgx, gamma)
+        dgamma = _reduce_like(torch.addcmul(sgx, a4 * nm, sg), gamma)
     if needs[2]:
-        dalpha = _reduce_like(sg * nm, alpha)
+        dalpha = _reduce_like(g4 * nm * sg, alpha)
     if needs[3]:
         dbeta = _reduce_like(sg, gamma)
     if needs[0]:
-        dnm = sg * a4
+        dnm = sg * g4 * a4
         dmu = (dnm - dnm.mean(dim=1, keepdim=True)
-               - nm * (dnm * nm).mean(dim=1, keepdim=True)).mul_(inv_v)
+               - nm * (dnm * nm).sum(dim=1, keepdim=True) / (x.shape[1] - 1)).mul_(inv_v)
         k1 = g4 * invstd  # dx = k1*grad + k2*(x - mu) + k3
         k2 = -k1 * invstd * sgx / n
         k3 = (dmu - k1 * sg) / n

@@ -25,6 +25,7 @@ from scoretk.checkpoint import (CheckpointError, RunDir, load_checkpoint, most_r
                                 sha256_file)
 from scoretk.cpu_memory import keep_freed_memory
 from scoretk.distributed import Dist, pick_device, setup_distributed
+from scoretk.interop.weights import SUFFIX, exported_weights_used, load_exported
 from scoretk.recipe import Recipe, RecipeError, apply_overrides, parse_override
 from scoretk.registry import Registry
 from scoretk.rng import PerSampleNoise, derive_seed
@@ -209,7 +210,8 @@ def _prepare(dist: Dist, registry: Registry, existing: SampleStore | None, run_d
     file's checkpoint, sampler settings, N, seed and flags."""
     fa = existing.attrs if existing else {}
     ckpt = find_checkpoint(run_dir, checkpoint, fa.get("checkpoint"))
-    state = load_checkpoint(ckpt)
+    exported = ckpt.suffix == SUFFIX  # `scoretk export`: one set of weights, no averager
+    state = load_exported(ckpt) if exported else load_checkpoint(ckpt)
     sha = sha256_file(ckpt)
     if existing and fa.get("checkpoint_sha256") != sha:
         raise StoreError(f"{existing.path}: cannot resume, it was started from another "
@@ -224,11 +226,14 @@ def _prepare(dist: Dist, registry: Registry, existing: SampleStore | None, run_d
         raw.update({s: file_recipe[s] for s in OVERRIDABLE if s in file_recipe})
     recipe = Recipe.from_dict(apply_overrides(raw, overrides), registry, source=str(ckpt))
     raw_weights = raw_weights or bool(fa.get("raw_weights"))
+    if exported:
+        raw_weights = exported_weights_used(ckpt, state, raw_weights)
     keep_float = keep_float or bool(fa.get("keep_float"))
     device = pick_device(device_name, dist)
     if device.type == "cpu":
         keep_freed_memory()
-    model, net, averager = load_model(ckpt, state, recipe, registry, device, raw_weights)
+    model, net, averager = load_model(ckpt, state, recipe, registry, device,
+                                      raw_weights or exported)
 
     n = num_samples or fa.get("num_samples") or recipe.sample.num_samples
     b = batch_size or fa.get("batch_size") or recipe.sample.batch_size
@@ -248,7 +253,7 @@ def _prepare(dist: Dist, registry: Registry, existing: SampleStore | None, run_d
              "batch_size": int(b), "raw_weights": bool(raw_weights), "world_size": dist.world}
     sample_net = split_batches(net, recipe.sample.batch_threads, device)
     return _Job(recipe, model, net, sample_net, averager, attrs, int(n), int(b), int(seed),
-                raw_weights, keep_float, evals, device)
+                raw_weights or exported, keep_float, evals, device)
 
 
 def _generate(job: _Job, store: SampleStore, dist: Dist, registry: Registry) -> None:

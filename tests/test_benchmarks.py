@@ -132,3 +132,13 @@ def test_paired_ratio_is_the_median_of_per_round_ratios(benchmarks, capsys, monk
     assert out["paired"]["scoretk eager"] == pytest.approx(2.0)
     assert out["rate"]["scoretk eager"] / out["rate"][common.REFERENCE] == pytest.approx(3.0)
     assert "| paired vs reference |" in capsys.readouterr().out
+
+
+def test_compare_reference_runs_without_the_reference(capsys):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import compare_reference
+    finally:
+        sys.path.remove(str(BENCH))
+    assert compare_reference.main([]) == []
+    assert "reference: not available" in capsys.readouterr().out

@@ -19,10 +19,11 @@ from click.testing import CliRunner
 from scoretk import assemble
 from scoretk.checkpoint import CheckpointError, load_checkpoint
 from scoretk.cli import main
-from scoretk.interop.reference import name_map, reference_state_dict
+from scoretk.interop.reference import (ReleasedCheckpoint, check_sigmas, name_map,
+                                       reference_state_dict)
 from scoretk.interop.weights import export_weights, load_exported
 from scoretk.plugins import default_registry
-from scoretk.recipe import Recipe
+from scoretk.recipe import Recipe, load_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -143,6 +144,26 @@ def test_names_shapes_and_order_are_the_released_ones(kind, size, levels):
     count, digest = RELEASED_KEY_LISTS[(kind, size, levels)]
     assert len(lines) == count
     assert hashlib.sha256("\n".join(lines).encode()).hexdigest() == digest
+
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@pytest.mark.parametrize("name, kind, sigma_max, levels", [
+    ("ncsnv2_cifar10", "ncsnv2", 50, 232), ("ncsnv2_celeba", "ncsnv2", 90, 500),
+    ("ncsnv2_church", "ncsnv2_deeper", 140, 788), ("ncsnv2_bedroom", "ncsnv2_deeper", 190, 1086),
+    ("ncsnv2_ffhq", "ncsnv2_deepest", 348, 2311), ("ncsn_cifar10", "ncsn", 1, 10),
+])
+def test_shipped_recipes_take_the_released_files(name, kind, sigma_max, levels):
+    """The net the released code picks for the dataset, at ngf 128, and the noise levels its
+    files store: exp(linspace(log sigma_1, log 0.01, L)) in float64, saved as float32."""
+    registry = default_registry()
+    recipe = load_recipe(RECIPES / f"{name}.yaml", registry)
+    assert (recipe.net.kind, recipe.net.params.ngf) == (kind, 128)
+    released = torch.tensor(np.exp(np.linspace(np.log(sigma_max), np.log(0.01), levels))).float()
+    file = ReleasedCheckpoint(Path(name), {"sigmas": released}, {})
+    check_sigmas(file, assemble.build_schedule(recipe, registry).sigmas)
+    assert recipe.averager.kind == ("none" if kind == "ncsn" else "ema")
 
 
 # ------------------------------------------------------------------ import

@@ -25,7 +25,7 @@ from scoretk.checkpoint import (CheckpointError, RunDir, load_checkpoint, most_r
                                 sha256_file)
 from scoretk.cpu_memory import keep_freed_memory
 from scoretk.distributed import Dist, pick_device, setup_distributed
-from scoretk.interop.weights import SUFFIX, exported_weights_used, load_exported
+from scoretk.interop.weights import SUFFIX, exported_weights_are_raw, load_exported
 from scoretk.recipe import Recipe, RecipeError, apply_overrides, parse_override
 from scoretk.registry import Registry
 from scoretk.rng import PerSampleNoise, derive_seed
@@ -227,7 +227,7 @@ def _prepare(dist: Dist, registry: Registry, existing: SampleStore | None, run_d
     recipe = Recipe.from_dict(apply_overrides(raw, overrides), registry, source=str(ckpt))
     raw_weights = raw_weights or bool(fa.get("raw_weights"))
     if exported:
-        raw_weights = exported_weights_used(ckpt, state, raw_weights)
+        raw_weights = exported_weights_are_raw(ckpt, state, raw_weights)
     keep_float = keep_float or bool(fa.get("keep_float"))
     device = pick_device(device_name, dist)
     if device.type == "cpu":

@@ -25,6 +25,8 @@ from scoretk.interop.weights import export_weights, load_exported
 from scoretk.plugins import default_registry
 from scoretk.recipe import Recipe, load_recipe
 
+from conftest import assert_one_line_error
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 RECIPE = {
@@ -48,14 +50,6 @@ ADAM_STEPS = 2  # optimiser steps behind the files' Adam state
 
 def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output + result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 class Released:
@@ -169,7 +163,7 @@ def test_shipped_recipes_take_the_released_files(name, kind, sigma_max, levels):
 # ------------------------------------------------------------------ import
 
 def test_import_holds_raw_ema_and_adam_state_under_scoretk_names(v2, tmp_path, recipe_file):
-    ckpt, run = v2.save(tmp_path / "checkpoint_7.pth"), tmp_path / "run"
+    ckpt, run = v2.save(tmp_path / "checkpoint_7.pth"), tmp_path / "runs" / "new"  # parent too
     result = import_file(ckpt, recipe_file(), run)
     assert result.exit_code == 0, result.output + result.stderr
     assert "NCSNv2, [model, optimizer, epoch, step, ema], step 7" in result.output

@@ -25,6 +25,8 @@ from scoretk.cli import main
 from scoretk.plugins import default_registry
 from scoretk.recipe import Recipe
 
+from conftest import assert_one_line_error
+
 TOY = {"name": "toy", "data": {"kind": "toy2d", "n": 500},
        "schedule": {"kind": "geometric", "sigma_max": 5.0, "sigma_min": 0.1, "num_levels": 3},
        "net": {"kind": "mlp", "hidden": 16, "depth": 2}, "loss": {"kind": "dsm"},
@@ -85,14 +87,6 @@ def rows(path: Path, name: str = "samples") -> np.ndarray:
 def attrs(path: Path) -> dict:
     with h5py.File(path, "r") as f:
         return dict(f.attrs)
-
-
-def assert_one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output + result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 # --- determinism ---------------------------------------------------------------------------

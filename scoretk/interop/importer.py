@@ -49,8 +49,6 @@ def import_released(path: str | Path, recipe: Recipe, registry: Registry,
     path, run_dir = Path(path), Path(run_dir)
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise CheckpointError(f"{run_dir}: already exists; import into a new run directory")
-    if not run_dir.parent.is_dir():
-        raise CheckpointError(f"{run_dir}: directory {run_dir.parent} does not exist")
     resolved, shape = _resolved_recipe(recipe)
     ckpt = read_released(path)
     state = _checkpoint_state(ckpt, resolved, registry, shape)
@@ -113,7 +111,9 @@ def _averager_state(recipe: Recipe, registry: Registry, net: nn.Module,
 
 def _write_run(run_dir: Path, recipe: Recipe, state: dict) -> Path:
     """recipe.yaml, checkpoints/ckpt-<step>.pt and `latest`, written in a temporary directory
-    beside `run_dir` and renamed into place."""
+    beside `run_dir` and renamed into place. Missing parent directories are created (as
+    `scoretk train` does for its runs), once every check has passed."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.import-", dir=run_dir.parent))
     try:
         umask = os.umask(0)

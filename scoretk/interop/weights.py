@@ -72,7 +72,7 @@ def load_exported(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: incomplete scoretk metadata ({exc})") from None
 
 
-def exported_weights_used(path: Path, state: dict[str, Any], raw_weights: bool) -> bool:
+def exported_weights_are_raw(path: Path, state: dict[str, Any], raw_weights: bool) -> bool:
     """Sampling from an exported file uses the one set of weights it holds. Returns whether
     they are the raw ones; asking for raw weights from an averaged export is refused."""
     if raw_weights and state["weights"] != "raw":

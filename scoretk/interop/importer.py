@@ -60,17 +60,18 @@ def import_released(path: str | Path, recipe: Recipe, registry: Registry,
 
 
 def _resolved_recipe(recipe: Recipe) -> tuple[Recipe, tuple[int, ...]]:
-    """The recipe as training would store it, without touching the data: every value must be
-    given, and the item shape must follow from the data section."""
-    autos = assemble.needs_data(recipe)
-    if autos:
-        raise RecipeError(recipe.name, autos[0], "is 'auto', which needs the training data; "
-                          "an imported checkpoint needs the released value (-o KEY=VALUE)")
+    """The recipe as training would store it, without touching the data: what would come from
+    the data must be given, and the item shape must follow from the data section."""
+    try:
+        resolved = assemble.resolve(recipe, None)
+    except ValueError as exc:
+        raise RecipeError(recipe.name, None, f"{exc}; an imported checkpoint needs the "
+                          "released value (-o KEY=VALUE)") from None
     shape = assemble.data_shape(recipe)
     if shape is None:
         raise RecipeError(recipe.name, "data", f"dataset {recipe.data.kind!r} cannot tell its "
                           "item shape without the data; give a dataset that can (image_size)")
-    return assemble.resolve(recipe, None), shape
+    return resolved, shape
 
 
 def _checkpoint_state(ckpt: ReleasedCheckpoint, recipe: Recipe, registry: Registry,

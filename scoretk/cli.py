@@ -174,6 +174,26 @@ def plugins() -> None:
         click.echo(f"{len(loaded.errors)} plugin(s) failed to load; the others work.")
 
 
+@main.command("describe")
+@click.argument("what", metavar="[KIND|SECTION]", required=False)
+@click.argument("name", required=False)
+@click.option("--markdown", is_flag=True,
+              help="Markdown tables (the README's component reference is this output).")
+@friendly_errors
+def describe_command(what: str | None, name: str | None, markdown: bool) -> None:
+    """Components and recipe sections with their parameters: type, default, constraint,
+    description. No argument: the kinds, their sections and components."""
+    from scoretk import describe
+
+    if markdown and what is None:
+        click.echo(describe.markdown(_registry()), nl=False)
+    elif what is None:
+        click.echo(describe.overview(_registry()))
+    else:
+        entries = describe.select(_registry(), what, name)
+        click.echo(describe.as_markdown(entries) if markdown else describe.as_text(entries))
+
+
 @main.group()
 def recipe() -> None:
     """Validate and inspect recipes."""

@@ -155,23 +155,17 @@ class Recipe(_Strict):
         if not isinstance(raw, dict):
             raise RecipeError(source, None, "a recipe must be a mapping of sections "
                               f"(got {type(raw).__name__})")
-        raw = dict(raw)
-        components: dict[str, ComponentSpec] = {}
-        for section, kind in COMPONENT_SECTIONS.items():
-            if section not in raw:
-                continue  # reported as a missing field by pydantic below
-            components[section] = _validate_component(raw.pop(section), section, kind,
-                                                      registry, source)
+        blocks = {s: raw[s] for s in COMPONENT_SECTIONS if s in raw}
+        # The sections first, components standing in as placeholders: pydantic then reports
+        # every missing section, components included, in one go.
         placeholder = ComponentSpec(kind="?", params=None)
         try:
-            recipe = cls.model_validate(
-                {**raw, **{s: placeholder for s in COMPONENT_SECTIONS}})
+            recipe = cls.model_validate({**raw, **{s: placeholder for s in blocks}})
         except ValidationError as exc:
             raise _from_validation(exc, source) from None
-        missing = [s for s in COMPONENT_SECTIONS if s not in components]
-        if missing:
-            raise RecipeError(source, missing[0], f"Field required (a {{kind: ...}} block for "
-                              f"the {COMPONENT_SECTIONS[missing[0]]})")
+        components = {section: _validate_component(block, section, COMPONENT_SECTIONS[section],
+                                                   registry, source)
+                      for section, block in blocks.items()}
         return recipe.model_copy(update=components)
 
 
@@ -199,6 +193,9 @@ def _validate_component(block: Any, section: str, kind: str, registry: Registry,
 def _from_validation(exc: ValidationError, source: str, prefix: str = "") -> RecipeError:
     # An unknown key first: a typo ('trian') also makes the real field look missing.
     err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
+    missing = [e["loc"][0] for e in exc.errors() if e["type"] == "missing" and len(e["loc"]) == 1]
+    if not prefix and err["type"] != "extra_forbidden" and missing:
+        return _missing_sections(missing, len(exc.errors()) - len(missing), source)
     loc = ".".join(str(p) for p in err["loc"])
     field = ".".join(p for p in (prefix, loc) if p) or None
     msg = err["msg"]
@@ -208,6 +205,18 @@ def _from_validation(exc: ValidationError, source: str, prefix: str = "") -> Rec
     if more:
         msg += f" (and {more} more error{'s' if more > 1 else ''})"
     return RecipeError(source, field, msg)
+
+
+def _missing_sections(missing: list[str], others: int, source: str) -> RecipeError:
+    """Every missing section in one line, so a skeleton recipe is completed in one pass."""
+    blocks = [s for s in missing if s in COMPONENT_SECTIONS]
+    hint = ""
+    if blocks:
+        what = "a {kind: ...} block" if len(blocks) == 1 else "{kind: ...} blocks"
+        hint = (f" ({', '.join(blocks)}: {what}; `scoretk describe` lists the registered "
+                "components)")
+    more = f" (and {others} more error{'s' if others > 1 else ''})" if others else ""
+    return RecipeError(source, ", ".join(missing), f"Field required{hint}{more}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

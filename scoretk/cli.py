@@ -7,6 +7,7 @@ Heavy modules (torch, the plugins) are imported inside commands, so `scoretk --h
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -23,12 +24,13 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from scoretk.checkpoint import CheckpointError
     from scoretk.data import DataError
     from scoretk.execution.distributed import DeviceError
+    from scoretk.pictures import PictureError
     from scoretk.recipe import RecipeError
     from scoretk.registry import RegistryError
     from scoretk.store import StoreError
 
     return (RecipeError, RegistryError, CheckpointError, DataError, ComponentError, StoreError,
-            DeviceError, FileExistsError, FileNotFoundError)
+            DeviceError, PictureError, FileExistsError, FileNotFoundError)
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -133,29 +135,54 @@ def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
 @click.option("--raw-weights", is_flag=True, help="Use the raw, not the averaged, weights.")
 @click.option("--keep-float", is_flag=True, help="Also store the float samples.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda", "mps"]))
-@click.option("--grid", type=click.Path(dir_okay=False), help="Also write a PNG grid.")
+@click.option("--grid", type=click.Path(dir_okay=False),
+              help="Also write a PNG: images beside real ones, or 2-D points over the data.")
 @override_option
 @friendly_errors
-def sample(**kwargs: Any) -> None:
+def sample(grid: str | None, **kwargs: Any) -> None:
     """Generate samples into an HDF5 file, batch by batch (resumable)."""
     from scoretk.generation.sample import run_sampling
+    from scoretk.pictures import check_png_path
 
-    run_sampling(registry=_registry(), **kwargs)
+    if grid:
+        check_png_path(grid, "--grid")
+    out = run_sampling(registry=_registry(), **kwargs)
+    if grid and os.environ.get("RANK", "0") == "0":  # under torchrun, one picture
+        _sample_picture(out, grid, None)
+
+
+def _sample_picture(file: str | Path, png: str, count: int | None) -> None:
+    from scoretk.pictures import sample_picture
+
+    for note in sample_picture(file, png, count, _registry()):
+        click.echo(note, err=True)
+    click.echo(f"grid: {png}")
 
 
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--grid", type=click.Path(dir_okay=False), help="Write a PNG grid of samples.")
-@click.option("-k", "count", default=64, show_default=True, help="Samples in the grid.")
+@click.option("--grid", type=click.Path(dir_okay=False),
+              help="Write a PNG: images beside real ones, or 2-D points over the data.")
+@click.option("-k", "count", type=int, help="Samples drawn (default: 64 images, 2000 points).")
 @friendly_errors
-def inspect(file: str, grid: str | None, count: int) -> None:
+def inspect(file: str, grid: str | None, count: int | None) -> None:
     """Show what an HDF5 sample file holds."""
-    from scoretk.store import describe, write_grid_from_file
+    from scoretk.store import describe
 
     click.echo(describe(file))
     if grid:
-        write_grid_from_file(file, grid, count)
-        click.echo(f"grid: {grid}")
+        _sample_picture(file, grid, count)
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False), help="PNG to write (default RUN/loss.png).")
+@friendly_errors
+def plot(run: str, out: str | None) -> None:
+    """Loss curves of a training run from RUN/metrics.jsonl: overall and per noise level."""
+    from scoretk.pictures import plot_metrics
+
+    click.echo(f"wrote {plot_metrics(run, out)}")
 
 
 @main.command()

@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Collection, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
@@ -57,7 +57,8 @@ class Entry:
 
 # --- reading params models ------------------------------------------------------------------
 
-def param_docs(model: type[BaseModel], only: Any = None) -> tuple[ParamDoc, ...]:
+def param_docs(model: type[BaseModel],
+               only: Collection[str] | None = None) -> tuple[ParamDoc, ...]:
     """The fields of `model` (those named in `only`, if given) in declaration order."""
     docs = []
     for name, field in model.model_fields.items():
@@ -146,7 +147,9 @@ def plain_sections() -> dict[str, type[BaseModel]]:
 
 
 def component_entry(comp: Component) -> Entry:
-    title = f"{section_of(comp.kind)}: {{kind: {comp.name}}}  ({comp.kind} from plugin {comp.plugin})"
+    """Titled as a recipe would name it: `net: {kind: mlp}  (net from plugin nets)`."""
+    title = (f"{section_of(comp.kind)}: {{kind: {comp.name}}}  "
+             f"({comp.kind} from plugin {comp.plugin})")
     return Entry(comp.name, comp.kind, title, comp.description, param_docs(comp.params))
 
 
@@ -188,12 +191,9 @@ def _unknown_message(registry: Registry, what: str) -> str:
         known = [*KINDS, *COMPONENT_SECTIONS, *plain_sections(), "recipe"]
         close = difflib.get_close_matches(what, known, n=1, cutoff=0.5)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
+    sections = [*COMPONENT_SECTIONS, *plain_sections()]
     return (f"unknown kind or section {what!r}{hint}; kinds: {', '.join(KINDS)}; "
-            f"sections: {', '.join(_all_sections())}")
-
-
-def _all_sections() -> list[str]:
-    return [*COMPONENT_SECTIONS, *plain_sections()]
+            f"sections: {', '.join(sections)}")
 
 
 # --- text ------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ class PictureError(Exception):
     """A picture that cannot be drawn (matplotlib missing, no metrics); one line."""
 
 
-def pyplot_figure(**kwargs: Any):
+def new_figure(**kwargs: Any):
     """A matplotlib Figure, drawn off-screen (no pyplot state, no display needed)."""
     try:
         from matplotlib.figure import Figure
@@ -144,7 +144,7 @@ def write_scatter(png: str | Path, points: np.ndarray, data: np.ndarray | None,
                   title: str = "") -> None:
     """Samples over the training points (light orange), with axes; non-finite samples are counted in
     the legend, not drawn."""
-    fig = pyplot_figure(figsize=(6, 6), dpi=100)
+    fig = new_figure(figsize=(6, 6), dpi=100)
     ax = fig.add_subplot()
     finite = np.isfinite(points).all(1)
     if data is not None:
@@ -190,7 +190,7 @@ def plot_metrics(run: str | Path, png: str | Path | None = None) -> Path:
     (largest sigmas first) over steps. Returns the PNG's path (default RUN/loss.png)."""
     records, path = read_metrics(run)
     png = check_png_path(png or path.parent / "loss.png", "--out")
-    fig = pyplot_figure(figsize=(12, 4.5), dpi=100)
+    fig = new_figure(figsize=(12, 4.5), dpi=100)
     overall, bands = fig.subplots(1, 2)
     steps = [r["step"] for r in records]
     overall.plot(steps, [r["loss"] for r in records], color=SAMPLE_COLOUR)

@@ -14,7 +14,6 @@ from scoretk import describe
 from scoretk.cli import main
 from scoretk.registry import Params
 
-from conftest import run_cli
 
 ROOT = Path(__file__).parent.parent
 AWAITING_DESCRIPTIONS = {("sampler", "annealed_langevin")}
@@ -100,15 +99,14 @@ def test_unknown_kind_or_name_is_one_line_exit_2(args, message):
     assert out.output.count("\n") == 1 and message in out.output
 
 
-def test_third_party_components_are_described(plugin_site):
-    env = {"PYTHONPATH": str(plugin_site)}
-    out = run_cli("describe", "net", "tiny", env=env)
-    assert out.returncode == 0, out.stderr
-    assert "net: {kind: tiny}  (net from plugin hello)" in out.stdout
-    assert "  hidden: int, > 0; default 64\n      width of the hidden layer" in out.stdout
-    out = run_cli("describe", "schedule", "--markdown", env=env)
+def test_third_party_components_are_described(with_plugin_site):
+    out = CliRunner().invoke(main, ["describe", "net", "tiny"])
+    assert out.exit_code == 0, out.output
+    assert "net: {kind: tiny}  (net from plugin hello)" in out.output
+    assert "  hidden: int, > 0; default 64\n      width of the hidden layer" in out.output
+    out = CliRunner().invoke(main, ["describe", "schedule", "--markdown"])
     assert "| `sigma_max` | float | required | > 0 | the largest noise level, sigma_1 |" \
-        in out.stdout
+        in out.output
 
 
 def test_readme_reference_is_describe_markdown(builtins):

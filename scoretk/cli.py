@@ -7,7 +7,6 @@ Heavy modules (torch, the plugins) are imported inside commands, so `scoretk --h
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -108,11 +107,13 @@ def main(ctx: click.Context, debug: bool) -> None:
 def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
           run_dir: str | None) -> None:
     """Train the recipe; resumes its run directory's latest checkpoint unless --restart."""
+    from scoretk.execution.policy import ExecutionPolicy
     from scoretk.training import Interrupted, TrainingError, train as run_training
 
+    recipe = _load(recipe_path, overrides)
+    policy = ExecutionPolicy.for_training(recipe.train).setup_process()
     try:
-        run_training(_load(recipe_path, overrides), _registry(), run_dir=run_dir,
-                     restart=restart)
+        run_training(recipe, _registry(), run_dir=run_dir, restart=restart, policy=policy)
     except Interrupted as exc:
         click.echo(f"\n{exc}", err=True)
         sys.exit(130)
@@ -121,6 +122,8 @@ def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
             raise
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    finally:
+        policy.dist.shutdown()
 
 
 @main.command()
@@ -139,19 +142,26 @@ def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
               help="Also write a PNG: images beside real ones, or 2-D points over the data.")
 @override_option
 @friendly_errors
-def sample(grid: str | None, **kwargs: Any) -> None:
+def sample(**options: Any) -> None:
     """Generate samples into an HDF5 file, batch by batch (resumable)."""
+    from dataclasses import replace
+
+    from scoretk.execution.policy import ExecutionPolicy
+    from scoretk.generation.request import SampleRequest
     from scoretk.generation.sample import run_sampling
-    from scoretk.pictures import check_png_path
 
-    if grid:
-        check_png_path(grid, "--grid")
-    out = run_sampling(registry=_registry(), **kwargs)
-    if grid and os.environ.get("RANK", "0") == "0":  # under torchrun, one picture
-        _sample_picture(out, grid, None)
+    request = SampleRequest.from_options(**options)
+    request.check()  # the --grid path too, before any work
+    policy = ExecutionPolicy.for_sampling(request.device).setup_process()
+    try:  # the picture is drawn here, with this command's plugins (real data beside samples)
+        out = run_sampling(replace(request, grid=None), _registry(), policy)
+    finally:
+        policy.dist.shutdown()
+    if request.grid and policy.dist.is_main:
+        _sample_picture(out, request.grid, None)
 
 
-def _sample_picture(file: str | Path, png: str, count: int | None) -> None:
+def _sample_picture(file: str | Path, png: str | Path, count: int | None) -> None:
     from scoretk.pictures import sample_picture
 
     for note in sample_picture(file, png, count, _registry()):

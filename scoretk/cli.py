@@ -144,8 +144,6 @@ def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
 @friendly_errors
 def sample(**options: Any) -> None:
     """Generate samples into an HDF5 file, batch by batch (resumable)."""
-    from dataclasses import replace
-
     from scoretk.execution.policy import ExecutionPolicy
     from scoretk.generation.request import SampleRequest
     from scoretk.generation.sample import run_sampling
@@ -153,12 +151,10 @@ def sample(**options: Any) -> None:
     request = SampleRequest.from_options(**options)
     request.check()  # the --grid path too, before any work
     policy = ExecutionPolicy.for_sampling(request.device).setup_process()
-    try:  # the picture is drawn here, with this command's plugins (real data beside samples)
-        out = run_sampling(replace(request, grid=None), _registry(), policy)
+    try:
+        run_sampling(request, _registry(), policy)
     finally:
         policy.dist.shutdown()
-    if request.grid and policy.dist.is_main:
-        _sample_picture(out, request.grid, None)
 
 
 def _sample_picture(file: str | Path, png: str | Path, count: int | None) -> None:

@@ -247,13 +247,16 @@ def recipe_validate(recipe_path: str, overrides: tuple[str, ...]) -> None:
 @override_option
 @friendly_errors
 def recipe_show(recipe_path: str, overrides: tuple[str, ...]) -> None:
-    """Print the resolved recipe, then its size: parameters, levels, evaluations."""
-    from scoretk.summary import summarise
+    """Print the recipe (its `auto` values resolved when the data are at hand), then its
+    size: parameters, levels, evaluations."""
+    from scoretk.summary import resolve_if_possible, summarise
 
-    loaded = _load(recipe_path, overrides)
-    click.echo(loaded.to_yaml().rstrip())
+    resolved, notes = resolve_if_possible(_load(recipe_path, overrides), _registry())
+    click.echo(resolved.to_yaml().rstrip())
     click.echo("---")
-    for key, value in summarise(loaded, _registry()).items():
+    for note in notes:
+        click.echo(f"# {note}")
+    for key, value in summarise(resolved, _registry()).items():
         click.echo(f"# {key}: {value}")
 
 

@@ -4,7 +4,7 @@ for scoretk and, with --reference DIR, for the public NCSNv2 code, at the same s
     python benchmarks/profile_step.py --device cuda --ngf 128 --batch 128 --reference DIR
     python benchmarks/profile_step.py --what sample --device cuda --ngf 128 --batch 128
 
-Profile before optimising (issue 6): the tables say which kernels to attack. On CUDA the
+Profile before optimising: the tables say which kernels to attack. On CUDA the
 sort key is time on the device; on the CPU it is self CPU time. --trace FILE also writes a
 Chrome trace (chrome://tracing, Perfetto) of the last profiled side.
 

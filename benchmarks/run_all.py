@@ -29,7 +29,7 @@ FULL = {
     "bench_store.py": ["--counts", "1000,10000,100000"],
     "bench_startup.py": ["--repeats", "5"],
 }
-GPU = {  # --full --device cuda: the issue's GPU setting, NCSNv2 ngf 128, 32 px, batch 128
+GPU = {  # --full --device cuda: the GPU tables' setting, NCSNv2 ngf 128, 32 px, batch 128
     "bench_train.py": ["--ngf", "128", "--batch", "128", "--steps", "10", "--repeats", "5",
                        "--options", "all"],
     "bench_sample.py": ["--ngf", "128", "--batch", "128", "--levels", "10", "--steps", "5",

@@ -1,4 +1,4 @@
-"""Averagers `ema` and `none` (NCSNv2 Technique 5).
+"""Averagers `ema` and `none` (NCSNv2 Technique 5: docs/theory.md#ema).
 
 The EMA keeps one shadow tensor per parameter and evaluates by swapping storage pointers
 (`.data`) into the live model, so sampling with averaged weights never holds a second model.

@@ -1,4 +1,4 @@
-"""Loss `dsm`: denoising score matching over all noise levels (ncsn.md section 2).
+"""Loss `dsm`: denoising score matching over all noise levels (docs/theory.md#dsm-loss).
 
 One level per sample, so every batch trains every part of the schedule; per-level sums are
 accumulated on the device (scatter_add) so logging costs no host sync.

@@ -1,4 +1,5 @@
-"""NCSNv2's closed-form rules for picking a configuration (ncsn.md section 5), as pure functions.
+"""NCSNv2's closed-form rules for picking a configuration, as pure functions
+(docs/theory.md#ncsnv2-techniques).
 
 Technique 1 (sigma_1 = largest pairwise distance), Technique 2 (the ratio gamma from the overlap
 criterion, hence L) and Proposition 3 (the Langevin step eps for a given T). Kept free of any
@@ -39,8 +40,8 @@ def max_pairwise_distance(x: Tensor, max_points: int = 10_000, chunk: int = 1024
 
 def overlap(gamma: float, dim: int) -> float:
     """Phi(sqrt(2D)(g-1) + 3g) - Phi(sqrt(2D)(g-1) - 3g): how much mass of the shell at one noise
-    level lies within 3 std of the next (ncsn.md Technique 2). Written with erfc to stay exact
-    in the tails."""
+    level lies within 3 std of the next (docs/theory.md#technique-2). Written with erfc to stay
+    exact in the tails."""
     a, w = math.sqrt(2 * dim) * (gamma - 1), 3 * gamma
     return 0.5 * (math.erfc((a - w) / math.sqrt(2)) - math.erfc((a + w) / math.sqrt(2)))
 

@@ -1,6 +1,7 @@
 """Schedule `geometric`: sigma_1 > ... > sigma_L with a constant ratio, given or derived from data.
 
-`sigma_max: auto` applies NCSNv2 Technique 1 and `num_levels: auto` Technique 2; `resolve(data)`
+`sigma_max: auto` applies NCSNv2 Technique 1 and `num_levels: auto` Technique 2
+(docs/theory.md#technique-1, #technique-2); `resolve(data)`
 fills them in once, before `build`, so the resolved numbers can be recorded with the run.
 """
 from __future__ import annotations
@@ -21,11 +22,17 @@ Auto = Literal["auto"]
 
 
 class GeometricParams(Params):
-    sigma_max: Annotated[float, Field(gt=0)] | Auto
-    sigma_min: Annotated[float, Field(gt=0)] = 0.01
-    num_levels: Annotated[int, Field(ge=2)] | Auto
-    overlap: Annotated[float, Field(gt=0, lt=1)] = 0.5
-    """C of Technique 2 (0.5 in the paper; the released configs match ~0.567)."""
+    sigma_max: Annotated[float, Field(gt=0)] | Auto = Field(
+        description="sigma_1, the largest level; auto: NCSNv2 technique 1, the largest distance "
+        "between two of up to 10k training items")
+    sigma_min: Annotated[float, Field(gt=0)] = Field(0.01, description="sigma_L, the smallest "
+                                                     "level")
+    num_levels: Annotated[int, Field(ge=2)] | Auto = Field(
+        description="L, the number of levels; auto: NCSNv2 technique 2, the fewest levels whose "
+        "neighbours overlap by `overlap`")
+    overlap: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.5, description="C of technique 2 for num_levels: auto (0.5 in the paper; the released "
+        "configs match about 0.567)")
 
     @model_validator(mode="after")
     def _order(self) -> "GeometricParams":
@@ -44,7 +51,7 @@ class GeometricParams(Params):
             which = "schedule.sigma_max" if self.sigma_max == "auto" else "schedule.num_levels"
             raise ValueError(f"{which} is 'auto' but no dataset was given to derive it from; "
                              "give a number or a dataset")
-        sigma_max = self.sigma_max
+        notes, sigma_max = [], self.sigma_max
         if sigma_max == "auto":
             g = generator if generator is not None else torch.Generator().manual_seed(0)
             idx = torch.randperm(len(data), generator=g)[:max_points].sort().values
@@ -52,11 +59,17 @@ class GeometricParams(Params):
             if not sigma_max > self.sigma_min:
                 raise ValueError(f"schedule.sigma_max: the data's largest pairwise distance "
                                  f"{sigma_max:.4g} is not above sigma_min {self.sigma_min}")
+            notes.append(f"sigma_max = {sigma_max:.6g} (NCSNv2 technique 1: the largest "
+                         f"distance between two of {len(idx):,} training items)")
         L = self.num_levels
         if L == "auto":
-            L = theory.num_levels(sigma_max, self.sigma_min, math.prod(data.shape), self.overlap)
-        return self.model_copy(update={"sigma_max": float(sigma_max), "num_levels": int(L)})
-
+            dim = math.prod(data.shape)
+            L = theory.num_levels(sigma_max, self.sigma_min, dim, self.overlap)
+            notes.append(f"num_levels = {L} (NCSNv2 technique 2: overlap C = {self.overlap:g} "
+                         f"between neighbouring levels in D = {dim} dimensions gives ratio "
+                         f"{theory.gamma_for_overlap(dim, self.overlap):.4f})")
+        resolved = self.model_copy(update={"sigma_max": float(sigma_max), "num_levels": int(L)})
+        return resolved.noted(*notes)
 
 class GeometricSchedule(Schedule):
     def __init__(self, sigma_max: float, sigma_min: float, num_levels: int):

@@ -1,21 +1,20 @@
 """Checkpoints and run directories that survive crashes.
 
-Every file is written to a temporary name in the same directory, fsynced, then renamed over
-the target: a crash or Ctrl-C leaves either the old complete file or the new complete one.
+Every file is written through `scoretk.files.atomic_write` (temporary name, fsync, rename):
+a crash or Ctrl-C leaves either the old complete file or the new complete one.
 `latest` is a one-line text file naming the newest complete checkpoint, updated the same way
 after the checkpoint itself is in place. Loading is weights-only: a checkpoint cannot run code.
 """
 from __future__ import annotations
 
 import hashlib
-import io
-import os
 import pickle
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
+from scoretk.files import atomic_write, atomic_write_text
 
 CHECKPOINT_FORMAT = "scoretk-checkpoint-1"
 RUNS_ROOT = Path("runs")
@@ -23,36 +22,6 @@ RUNS_ROOT = Path("runs")
 
 class CheckpointError(Exception):
     """A checkpoint that is missing, corrupt, unsafe or not scoretk's."""
-
-
-def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write through `write(fileobj)` to a temp file, fsync, rename over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide results from other users
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:

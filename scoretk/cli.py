@@ -22,13 +22,14 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from scoretk.assemble import ComponentError
     from scoretk.checkpoint import CheckpointError
     from scoretk.data import DataError
-    from scoretk.distributed import DeviceError
+    from scoretk.execution.distributed import DeviceError
+    from scoretk.pictures import PictureError
     from scoretk.recipe import RecipeError
     from scoretk.registry import RegistryError
     from scoretk.store import StoreError
 
     return (RecipeError, RegistryError, CheckpointError, DataError, ComponentError, StoreError,
-            DeviceError, FileExistsError, FileNotFoundError)
+            DeviceError, PictureError, FileExistsError, FileNotFoundError)
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -54,13 +55,24 @@ def _debug() -> bool:
     return bool(ctx and ctx.find_root().obj and ctx.find_root().obj.get("debug"))
 
 
-def _registry():
-    from scoretk.plugins import default_plugins
+def _plugins():
+    """The plugin set, loaded once per command (its warnings printed once) and kept on the
+    root click context, so every part of the command uses the same registry."""
+    root = click.get_current_context().find_root()
+    root.obj = root.obj or {}
+    if "plugins" not in root.obj:
+        from scoretk.plugins import load_plugins
 
-    plugins = default_plugins()
-    for info in plugins.errors:
-        click.echo(f"warning: plugin {info.name!r} ({info.distribution}) {info.error}", err=True)
-    return plugins.registry
+        loaded = load_plugins()
+        for info in loaded.errors:
+            click.echo(f"warning: plugin {info.name!r} ({info.distribution}) {info.error}",
+                       err=True)
+        root.obj["plugins"] = loaded
+    return root.obj["plugins"]
+
+
+def _registry():
+    return _plugins().registry
 
 
 def _load(recipe_path: str, overrides: tuple[str, ...]):
@@ -95,11 +107,13 @@ def main(ctx: click.Context, debug: bool) -> None:
 def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
           run_dir: str | None) -> None:
     """Train the recipe; resumes its run directory's latest checkpoint unless --restart."""
-    from scoretk.train import Interrupted, TrainingError, train as run_training
+    from scoretk.execution.policy import ExecutionPolicy
+    from scoretk.training import Interrupted, TrainingError, train as run_training
 
+    recipe = _load(recipe_path, overrides)
+    policy = ExecutionPolicy.for_training(recipe.train).setup_process()
     try:
-        run_training(_load(recipe_path, overrides), _registry(), run_dir=run_dir,
-                     restart=restart)
+        run_training(recipe, _registry(), run_dir=run_dir, restart=restart, policy=policy)
     except Interrupted as exc:
         click.echo(f"\n{exc}", err=True)
         sys.exit(130)
@@ -108,6 +122,8 @@ def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
             raise
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    finally:
+        policy.dist.shutdown()
 
 
 @main.command()
@@ -122,14 +138,31 @@ def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
 @click.option("--raw-weights", is_flag=True, help="Use the raw, not the averaged, weights.")
 @click.option("--keep-float", is_flag=True, help="Also store the float samples.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda", "mps"]))
-@click.option("--grid", type=click.Path(dir_okay=False), help="Also write a PNG grid.")
+@click.option("--grid", type=click.Path(dir_okay=False),
+              help="Also write a PNG: images beside real ones, or 2-D points over the data.")
 @override_option
 @friendly_errors
-def sample(**kwargs: Any) -> None:
+def sample(**options: Any) -> None:
     """Generate samples into an HDF5 file, batch by batch (resumable)."""
-    from scoretk.sample import run_sampling
+    from scoretk.execution.policy import ExecutionPolicy
+    from scoretk.generation.request import SampleRequest
+    from scoretk.generation.sample import run_sampling
 
-    run_sampling(registry=_registry(), **kwargs)
+    request = SampleRequest.from_options(**options)
+    request.check()  # the --grid path too, before any work
+    policy = ExecutionPolicy.for_sampling(request.device).setup_process()
+    try:
+        run_sampling(request, _registry(), policy)
+    finally:
+        policy.dist.shutdown()
+
+
+def _sample_picture(file: str | Path, png: str | Path, count: int | None) -> None:
+    from scoretk.pictures import sample_picture
+
+    for note in sample_picture(file, png, count, _registry()):
+        click.echo(note, err=True)
+    click.echo(f"grid: {png}")
 
 
 @main.command("import")
@@ -173,26 +206,35 @@ def export(run_dir: str | None, checkpoint: str | None, out: str, raw_weights: b
 
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--grid", type=click.Path(dir_okay=False), help="Write a PNG grid of samples.")
-@click.option("-k", "count", default=64, show_default=True, help="Samples in the grid.")
+@click.option("--grid", type=click.Path(dir_okay=False),
+              help="Write a PNG: images beside real ones, or 2-D points over the data.")
+@click.option("-k", "count", type=int, help="Samples drawn (default: 64 images, 2000 points).")
 @friendly_errors
-def inspect(file: str, grid: str | None, count: int) -> None:
+def inspect(file: str, grid: str | None, count: int | None) -> None:
     """Show what an HDF5 sample file holds."""
-    from scoretk.store import describe, write_grid_from_file
+    from scoretk.store import describe
 
     click.echo(describe(file))
     if grid:
-        write_grid_from_file(file, grid, count)
-        click.echo(f"grid: {grid}")
+        _sample_picture(file, grid, count)
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False), help="PNG to write (default RUN/loss.png).")
+@friendly_errors
+def plot(run: str, out: str | None) -> None:
+    """Loss curves of a training run from RUN/metrics.jsonl: overall and per noise level."""
+    from scoretk.pictures import plot_metrics
+
+    click.echo(f"wrote {plot_metrics(run, out)}")
 
 
 @main.command()
 @friendly_errors
 def plugins() -> None:
     """List plugins, their components and load errors."""
-    from scoretk.plugins import default_plugins
-
-    loaded = default_plugins()
+    loaded = _plugins()
     for info in loaded.plugins:
         status = "ok" if info.ok else "ERROR"
         click.echo(f"{info.name} ({info.distribution} {info.version}) [{status}]")
@@ -202,6 +244,26 @@ def plugins() -> None:
             click.echo(f"    {comp.kind:9s} {comp.name:22s} {comp.description}")
     if loaded.errors:
         click.echo(f"{len(loaded.errors)} plugin(s) failed to load; the others work.")
+
+
+@main.command("describe")
+@click.argument("what", metavar="[KIND|SECTION]", required=False)
+@click.argument("name", required=False)
+@click.option("--markdown", is_flag=True,
+              help="Markdown tables (the README's component reference is this output).")
+@friendly_errors
+def describe_command(what: str | None, name: str | None, markdown: bool) -> None:
+    """Components and recipe sections with their parameters: type, default, constraint,
+    description. No argument: the kinds, their sections and components."""
+    from scoretk import describe
+
+    if markdown and what is None:
+        click.echo(describe.markdown(_registry()), nl=False)
+    elif what is None:
+        click.echo(describe.overview(_registry()))
+    else:
+        entries = describe.select(_registry(), what, name)
+        click.echo(describe.as_markdown(entries) if markdown else describe.as_text(entries))
 
 
 @main.group()
@@ -224,13 +286,16 @@ def recipe_validate(recipe_path: str, overrides: tuple[str, ...]) -> None:
 @override_option
 @friendly_errors
 def recipe_show(recipe_path: str, overrides: tuple[str, ...]) -> None:
-    """Print the resolved recipe, then its size: parameters, levels, evaluations."""
-    from scoretk.summary import summarise
+    """Print the recipe (its `auto` values resolved when the data are at hand), then its
+    size: parameters, levels, evaluations."""
+    from scoretk.summary import resolve_if_possible, summarise
 
-    loaded = _load(recipe_path, overrides)
-    click.echo(loaded.to_yaml().rstrip())
+    resolved, notes = resolve_if_possible(_load(recipe_path, overrides), _registry())
+    click.echo(resolved.to_yaml().rstrip())
     click.echo("---")
-    for key, value in summarise(loaded, _registry()).items():
+    for note in notes:
+        click.echo(f"# {note}")
+    for key, value in summarise(resolved, _registry()).items():
         click.echo(f"# {key}: {value}")
 
 

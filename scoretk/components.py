@@ -56,7 +56,11 @@ class ScoreNet(nn.Module):
 
     batch_independent: bool = False
     """True if each sample's output depends on that sample alone (no batch norm). Such nets
-    may have their batches split across CPU threads (`scoretk.batch_threads`)."""
+    may have their batches split across CPU threads (`scoretk.execution.batch_threads`)."""
+
+    accepts_any_sigma: bool = True
+    """False for nets that know only the schedule's L levels (NCSN v1 reads `level` alone):
+    samplers that evaluate the net at other sigmas refuse such nets."""
 
     def forward(self, x: Tensor, sigma: Tensor, level: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -87,6 +91,11 @@ class Sampler(ABC):
     def settings(self, schedule: Schedule) -> dict:
         """Resolved settings recorded as provenance next to the samples."""
         return {}
+
+    @property
+    def starts_from_data(self) -> bool:
+        """True if `sample` needs `init` (starting data): the caller then builds the dataset."""
+        return False
 
 
 class Averager(ABC):

@@ -23,6 +23,16 @@ class DataParams(Params):
         the data on disk); None when only the data can tell."""
         return None
 
+    def heldout_split(self) -> tuple["DataParams", "DataParams"] | None:
+        """(training part, held-out part) of this data as two params, for evaluation against
+        data the model never saw; None when the dataset has no fixed split (evaluation then
+        holds out a random half)."""
+        return None
+
+    def plain(self) -> "DataParams":
+        """A copy without the training augmentations (real data as it is, for evaluation)."""
+        return self.model_copy(update={"flip": False, "dequantize": False})
+
 
 def augment(x: Tensor, params: DataParams, generator: torch.Generator | None = None) -> Tensor:
     """Apply the dataset's flip / dequantisation options to a batch (B, C, H, W)."""

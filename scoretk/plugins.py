@@ -101,24 +101,32 @@ def load_plugins(extra: list[ModuleType] | None = None, autoload: bool | None = 
             info.error = f"failed to load: {_short_error(exc)}"
             info.traceback = traceback.format_exc()
             continue
-        registrar = PluginRegistrar(registry, info.name)
-        try:
-            for impl in pm.hook.scoretk_register.get_hookimpls():
-                if impl.plugin_name == info.name:
-                    impl.function(registry=registrar)
-            info.components = registrar.added
-        except Exception as exc:  # noqa: BLE001
-            registry.remove_plugin(info.name)
-            info.error = f"failed to register: {_short_error(exc)}"
-            info.traceback = traceback.format_exc()
+        _register(pm, module, info, registry)
     return PluginSet(registry, infos)
+
+
+def _register(pm: pluggy.PluginManager, module: ModuleType, info: PluginInfo,
+              registry: Registry) -> None:
+    """Call one plugin's hook through pluggy, alone: a subset caller without the other
+    plugins, so a failure is that plugin's, and its components carry its name."""
+    others = [p for p in pm.get_plugins() if p is not module]
+    call = pm.subset_hook_caller("scoretk_register", remove_plugins=others)
+    registrar = PluginRegistrar(registry, info.name)
+    try:
+        call(registry=registrar)
+        info.components = registrar.added
+    except Exception as exc:  # noqa: BLE001
+        registry.remove_plugin(info.name)
+        info.error = f"failed to register: {_short_error(exc)}"
+        info.traceback = traceback.format_exc()
 
 
 _DEFAULT: PluginSet | None = None
 
 
 def default_plugins() -> PluginSet:
-    """The process-wide plugin set, loaded on first use (importing plugins imports torch)."""
+    """A process-wide plugin set, loaded on first use, for notebooks and tests. Commands load
+    their own once and pass the registry down."""
     global _DEFAULT
     if _DEFAULT is None:
         _DEFAULT = load_plugins()

@@ -10,7 +10,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 KINDS: dict[str, str] = {
     "dataset": "Dataset",
@@ -24,9 +24,25 @@ KINDS: dict[str, str] = {
 
 
 class Params(BaseModel):
-    """Base for component parameter models: unknown keys are errors, not silently ignored."""
+    """Base for component parameter models: unknown keys are errors, not silently ignored.
+
+    A params model may define `resolve(data)` returning a copy with data-driven values
+    (`auto`) filled in; `noted(...)` attaches to that copy, in the plugin's own words, what
+    was chosen and why, which `scoretk plan` and `recipe show` print.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    _notes: tuple[str, ...] = PrivateAttr(default=())
+
+    def noted(self, *notes: str) -> "Params":
+        """A copy carrying `notes` (lines such as 'sigma_max = 4.8: the largest distance ...')."""
+        copy = self.model_copy()
+        copy._notes = self._notes + tuple(notes)
+        return copy
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return self._notes
 
 
 class RegistryError(Exception):

@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import h5py
 import numpy as np
@@ -28,6 +24,7 @@ import torch
 from torch import Tensor
 
 from scoretk import __version__
+from scoretk.files import deferred_signals, replacing
 from scoretk.images import save_scatter, save_uint8_grid, to_uint8
 
 FORMAT = "scoretk-samples-1"
@@ -41,29 +38,12 @@ IDENTITY = ("recipe", "checkpoint_sha256", "sampler_settings", "seed", "num_samp
             "raw_weights", "item_shape", "keep_float")
 """Attributes that decide the samples' values: a resume must agree on all of them."""
 
-__all__ = ["SampleStore", "StoreError", "describe", "deferred_signals", "to_uint8",
+__all__ = ["SampleStore", "StoreError", "describe", "to_uint8",
            "write_grid_from_file"]
 
 
 class StoreError(Exception):
     """A sample file that cannot be created, resumed or read; the message is one line."""
-
-
-@contextlib.contextmanager
-def deferred_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
-    """Hold SIGINT/SIGTERM until the block ends, then deliver them (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    old = {s: signal.signal(s, lambda signum, _frame: received.append(signum)) for s in signums}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        for s in dict.fromkeys(received):
-            signal.raise_signal(s)
 
 
 def _open(path: Path, mode: str, wait: float = LOCK_WAIT) -> h5py.File:
@@ -174,37 +154,27 @@ class SampleStore:
             row_shape, dtype = (h, w, c), np.uint8
         else:
             row_shape, dtype = (int(np.prod(item_shape)),), np.float32
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide the samples from others
-        os.close(fd)
-        try:
-            with h5py.File(tmp, "w") as f:
-                f.create_dataset(SAMPLES, shape=(0, *row_shape), maxshape=(None, *row_shape),
-                                 dtype=dtype, chunks=_chunks(row_shape, dtype),
-                                 compression="gzip", compression_opts=4, shuffle=not is_image)
-                if keep_float and is_image:
-                    f.create_dataset(SAMPLES_FLOAT, shape=(0, *item_shape),
-                                     maxshape=(None, *item_shape), dtype=np.float32,
-                                     chunks=_chunks(item_shape, np.float32), compression="gzip",
-                                     compression_opts=4, shuffle=True)
-                meta = {"format": FORMAT, **attrs, "item_shape": list(item_shape),
-                        "layout": "NHWC uint8" if is_image else "ND float32",
-                        "keep_float": bool(keep_float and is_image),
-                        "scoretk_version": __version__, "torch_version": torch.__version__,
-                        "h5py_version": h5py.__version__, "hdf5_version": h5py.version.hdf5_version,
-                        "num_written": 0, "complete": False}
-                for key, value in meta.items():
-                    if value is None:
-                        continue
-                    if isinstance(value, dict):
-                        value = json.dumps(value, sort_keys=True)
-                    f.attrs[key] = str(value) if isinstance(value, str) else value
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with replacing(path) as tmp, h5py.File(tmp, "w") as f:
+            f.create_dataset(SAMPLES, shape=(0, *row_shape), maxshape=(None, *row_shape),
+                             dtype=dtype, chunks=_chunks(row_shape, dtype),
+                             compression="gzip", compression_opts=4, shuffle=not is_image)
+            if keep_float and is_image:
+                f.create_dataset(SAMPLES_FLOAT, shape=(0, *item_shape),
+                                 maxshape=(None, *item_shape), dtype=np.float32,
+                                 chunks=_chunks(item_shape, np.float32), compression="gzip",
+                                 compression_opts=4, shuffle=True)
+            meta = {"format": FORMAT, **attrs, "item_shape": list(item_shape),
+                    "layout": "NHWC uint8" if is_image else "ND float32",
+                    "keep_float": bool(keep_float and is_image),
+                    "scoretk_version": __version__, "torch_version": torch.__version__,
+                    "h5py_version": h5py.__version__, "hdf5_version": h5py.version.hdf5_version,
+                    "num_written": 0, "complete": False}
+            for key, value in meta.items():
+                if value is None:
+                    continue
+                if isinstance(value, dict):
+                    value = json.dumps(value, sort_keys=True)
+                f.attrs[key] = str(value) if isinstance(value, str) else value
         return cls(path)
 
     def check_matches(self, attrs: dict[str, Any], item_shape: tuple[int, ...],

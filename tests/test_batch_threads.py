@@ -1,4 +1,4 @@
-"""Batches split across CPU threads (scoretk.batch_threads) compute the plain net's function:
+"""Batches split across CPU threads (scoretk.execution.batch_threads) compute the plain net's function:
 the same outputs, the same input and parameter gradients (to float summation order), on
 threads that really run one intra-op thread each; and errors come back to the caller."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from scoretk.batch_threads import (AUTO_MIN_CHUNK_VALUES, BatchThreads, in_threads,
+from scoretk.execution.batch_threads import (AUTO_MIN_CHUNK_VALUES, BatchThreads, in_threads,
                                    split_batches)
 from scoretk.recipe import TrainConfig
 from scoretk_plugins.losses import DSMLoss

@@ -1,4 +1,4 @@
-"""scoretk.cpu_memory: CPU runs keep freed memory for reuse instead of faulting it back in.
+"""scoretk.execution.cpu_memory: CPU runs keep freed memory for reuse instead of faulting it back in.
 
 Each check runs in a fresh interpreter: malloc's settings belong to the whole process."""
 import os
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 # round faults its pages in again, unless keep_freed_memory() overrides that.
 PAGE_FAULTS = """
 import ctypes, resource, sys, torch
-from scoretk.cpu_memory import keep_freed_memory
+from scoretk.execution.cpu_memory import keep_freed_memory
 mallopt = ctypes.CDLL(None).mallopt
 mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD: map every buffer of 64 KiB or more afresh
 mallopt(-1, 0)  # M_TRIM_THRESHOLD: hand any free heap top back

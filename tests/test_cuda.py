@@ -1,4 +1,4 @@
-"""The GPU paths compute the same function as the CPU ones (issue 6).
+"""The GPU paths compute the same function as the CPU ones.
 
 Skipped where torch sees no CUDA device, which includes CI: these run on a lent GPU machine
 (`python -m pytest tests/test_cuda.py`), and benchmarks/README.md records when they last did.
@@ -21,8 +21,8 @@ from scoretk.cli import main
 from scoretk.plugins import default_registry
 from scoretk.recipe import OptimConfig, Recipe
 from scoretk.rng import PerSampleNoise, derive_seed, generator
-from scoretk.step import TrainStep, make_optimiser
-from scoretk.train import train
+from scoretk.training.step import TrainStep, make_optimiser
+from scoretk.training import train
 from scoretk_plugins.nets import layers
 from scoretk_plugins.nets.ops import instance_norm_pp, instance_norm_pp_reference
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import scoretk_plugins.datasets as mod
-from scoretk.evaluate import evaluate, frechet_distance, main, precision_recall
+from scoretk.evaluation import evaluate, frechet_distance, main, precision_recall
 
 
 @pytest.fixture(scope="module")

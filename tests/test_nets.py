@@ -32,7 +32,7 @@ def meta_count(registry, kind, shape, num_levels=10, **params) -> int:
     return count_parameters(build(registry, kind, shape, num_levels, device="meta", **params))
 
 
-# ------------------------------------------------------------------ sizes (docs/ncsn.md table)
+# -------------------------------------------------- sizes (docs/theory.md#parameter-counts)
 
 @pytest.mark.parametrize("kind, ngf, shape, num_levels, expected", [
     ("ncsnv2", 128, (3, 32, 32), 232, 29_694_083),

@@ -71,6 +71,8 @@ def test_cli_plugins_lists_third_party_and_errors(plugin_site, toy_recipe, tmp_p
     out = run_cli("recipe", "show", str(path), env=env)
     assert out.returncode == 0, out.stderr
     assert "noise levels: 3" in out.stdout
+    # the plugins are loaded once per command: each broken one is reported once
+    assert out.stderr.count("warning: plugin 'broken_import'") == 1
 
 
 def test_registry_errors_name_kind_and_suggest():

@@ -1,4 +1,4 @@
-"""The speed paths compute the same function as the plain one (issue 6).
+"""The speed paths compute the same function as the plain one.
 
 Fused InstanceNorm++ and ELU (hand-written backward), the stride-2 ConvMeanPool, the dilated
 convolution's tap-by-tap weight gradient, the channels_last layout and torch.compile must

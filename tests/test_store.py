@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from scoretk.images import save_grid, to_uint8
-from scoretk.store import (SAMPLES, SAMPLES_FLOAT, SampleStore, StoreError, deferred_signals,
+from scoretk.files import deferred_signals
+from scoretk.store import (SAMPLES, SAMPLES_FLOAT, SampleStore, StoreError,
                            describe, write_grid_from_file)
 
 ATTRS = {"recipe": {"name": "t", "sampler": {"kind": "x", "T": 3}, "sample": {"batch_size": 4}},

@@ -1,4 +1,5 @@
-"""NCSNv2's configuration rules (ncsn.md section 5) against closed forms and released configs."""
+"""NCSNv2's configuration rules (docs/theory.md#ncsnv2-techniques) against closed forms and
+released configs."""
 import math
 
 import pytest
@@ -72,13 +73,13 @@ def test_num_levels_released_configs(D, s1, L):
 
 
 def test_digits_numbers():
-    # ncsn.md section 8: D = 64, sigma 4.81 -> 0.01, C = 0.5.
+    # docs/theory.md#worked-example-digits: D = 64, sigma 4.81 -> 0.01, C = 0.5.
     g = th.gamma_for_overlap(64, 0.5)
     assert g == pytest.approx(1.361, abs=5e-4)
     exact = 1 + math.log(4.81 / 0.01) / math.log(g)
     assert exact == pytest.approx(21.04, abs=0.01)
-    # section 8 quotes L = 22, which is this value rounded UP; the rule fixed by the released
-    # configs (round down, see above) gives 21. The eps numbers of section 8 use gamma ~ 1.361.
+    # 21.04 rounded UP would be 22; the rule fixed by the released configs (round down, see
+    # above) gives 21. The eps numbers quoted there use gamma ~ 1.361.
     assert th.num_levels(4.81, 0.01, 64, 0.5) == 21
     # quoted values must agree to the digits quoted (half a unit of the last digit)
     for T, eps, e_tol, ratio, r_tol in [(5, 2.4e-5, 5e-7, 1.18, 5e-3),
@@ -102,7 +103,7 @@ def test_geometric_sigmas():
 def test_prop3_ratio_is_the_variance_recurrence():
     eps, T, sL, g = 3e-5, 7, 0.01, 1.2
     u = eps / sL**2
-    b_doc = 2 * eps / (sL**2 - sL**2 * (1 - u) ** 2)  # the formula as written in ncsn.md
+    b_doc = 2 * eps / (sL**2 - sL**2 * (1 - u) ** 2)  # as written in docs/theory.md#proposition-3
     ratio_doc = (1 - u) ** (2 * T) * (g**2 - b_doc) + b_doc
     v = g**2  # variance / sigma_i^2, stepped with x <- (1 - u) x + sqrt(2 u sigma_i^2) z
     for _ in range(T):

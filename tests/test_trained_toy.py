@@ -12,7 +12,7 @@ from scoretk import assemble
 from scoretk.checkpoint import load_checkpoint
 from scoretk.plugins import default_registry
 from scoretk.recipe import Recipe
-from scoretk.train import train
+from scoretk.training import train
 
 WEIGHTS, MEANS = torch.tensor([0.2, 0.8]), torch.tensor([[-5.0, -5.0], [5.0, 5.0]])
 

@@ -27,7 +27,7 @@ from scoretk.interop.reference import (CLASS_NAMES, ReleasedCheckpoint, adam_ste
                                        read_released)
 from scoretk.recipe import Recipe, RecipeError
 from scoretk.registry import Registry
-from scoretk.step import make_optimiser
+from scoretk.training.step import make_optimiser
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Sampler `annealed_langevin` (ncsn.md section 4), with eps from Proposition 3 by default.
+"""Sampler `annealed_langevin` (docs/theory.md#annealed-langevin), with eps from Proposition 3
+(docs/theory.md#proposition-3) by default.
 
 Step a_i = eps (sigma_i/sigma_L)^2 keeps the step-to-variance ratio a_i/sigma_i^2 equal at every
 level, so one eps (and Prop. 3's rule for it) serves the whole schedule. The loop touches the
@@ -13,11 +14,10 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from scoretk import hookimpl
 from scoretk.components import Noise, ProgressFn, Sampler, Schedule
 from scoretk.registry import Params
 
-from . import ncsn_theory as theory
+from .. import ncsn_theory as theory
 
 
 class LangevinParams(Params):
@@ -61,6 +61,10 @@ class AnnealedLangevin(Sampler):
 
     def evaluations_per_sample(self, schedule: Schedule) -> int:
         return schedule.num_levels * self.T + int(self.denoise)
+
+    @property
+    def starts_from_data(self) -> bool:
+        return self.init == "data"
 
     def settings(self, schedule: Schedule) -> dict:
         eps, ratio = self.resolve_eps(schedule)
@@ -140,8 +144,3 @@ class AnnealedLangevin(Sampler):
 def build(params: LangevinParams) -> AnnealedLangevin:
     return AnnealedLangevin(**params.model_dump())
 
-
-@hookimpl
-def scoretk_register(registry) -> None:
-    registry.add("sampler", "annealed_langevin", build, LangevinParams,
-                 "annealed Langevin dynamics, eps by NCSNv2 Proposition 3 unless given")

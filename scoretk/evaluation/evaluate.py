@@ -1,6 +1,6 @@
 """Sample quality against real data, always beside the same figure for held-out real data.
 
-`python -m scoretk.evaluate samples.h5` rebuilds the recipe's dataset, splits it into training
+`python -m scoretk.evaluation samples.h5` rebuilds the recipe's dataset, splits it into training
 and held-out real data, and scores the samples and the held-out set against the training set:
 k-NN precision/recall (Kynkäänniemi et al. 2019), a Fréchet distance, and the class histogram
 of a k-NN classifier on the training set. A number alone means little on tiny data; the
@@ -16,6 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from scoretk.data import DataParams
+from scoretk.registry import Registry
 
 PR_TOLERANCE = 0.2
 MAX_REFERENCE = 10000
@@ -176,30 +179,22 @@ def _dataset_arrays(ds, seed: int, max_items: int = MAX_REFERENCE) -> tuple[Tens
     return ds.batch(idx), (labels[idx] if labels is not None else None)
 
 
-def reference_data(data_block: dict[str, Any], seed: int = 0):
-    """(train, train_labels, heldout, heldout_labels) from a recipe's data block.
-
-    Uses the dataset's own split when it has one (`split`: train/test, or `train`: bool),
-    otherwise a fixed random half of the data as held-out.
-    """
-    from scoretk.plugins import default_registry
-
-    block = dict(data_block)
-    comp = default_registry().get("dataset", block.pop("kind"))
-    for augmentation in ("flip", "dequantize"):
-        block.pop(augmentation, None)
-    fields = comp.params.model_fields
-    if "split" in fields:
-        parts = [comp.build({**block, "split": s}) for s in ("train", "test")]
-    elif "train" in fields and fields["train"].annotation is bool:
-        parts = [comp.build({**block, "train": t}) for t in (True, False)]
-    else:
-        x, y = _dataset_arrays(comp.build(block), seed, 2 * MAX_REFERENCE)
+def reference_data(data_block: dict[str, Any], registry: Registry, seed: int = 0):
+    """(train, train_labels, heldout, heldout_labels) from a recipe's data block, without its
+    training augmentations: the dataset's own held-out split where it has one, otherwise a
+    fixed random half of the data."""
+    spec = dict(data_block)
+    comp = registry.get("dataset", spec.pop("kind"))
+    params = comp.params.model_validate(spec)
+    params = params.plain() if isinstance(params, DataParams) else params
+    split = params.heldout_split() if isinstance(params, DataParams) else None
+    if split is None:
+        x, y = _dataset_arrays(comp.build(params), seed, 2 * MAX_REFERENCE)
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
         half = len(perm) // 2
         tr, te = perm[:half], perm[half:]
         return x[tr], (y[tr] if y is not None else None), x[te], (y[te] if y is not None else None)
-    (xtr, ytr), (xte, yte) = (_dataset_arrays(p, seed) for p in parts)
+    (xtr, ytr), (xte, yte) = (_dataset_arrays(comp.build(p), seed) for p in split)
     return xtr, ytr, xte, yte
 
 
@@ -225,7 +220,7 @@ def read_samples(path: str) -> tuple[np.ndarray, dict[str, Any] | None, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m scoretk.evaluate", description=__doc__.split(
+    ap = argparse.ArgumentParser(prog="python -m scoretk.evaluation", description=__doc__.split(
         "\n")[0])
     ap.add_argument("samples", help="HDF5 sample file (dataset 'samples', attribute 'recipe')")
     ap.add_argument("--reference-recipe", metavar="R",
@@ -249,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(recipe, dict) or not isinstance(recipe.get("data"), dict):
             raise ValueError("no recipe with a data block: the file has no 'recipe' attribute; "
                              "pass --reference-recipe")
-        xtr, ytr, xte, yte = reference_data(recipe["data"], args.seed)
+        from scoretk.plugins import load_plugins
+
+        registry = load_plugins().registry
+        xtr, ytr, xte, yte = reference_data(recipe["data"], registry, args.seed)
         if samples.shape[1:] != tuple(xtr.shape[1:]):
             raise ValueError(f"samples have shape {samples.shape[1:]}, the recipe's data "
                              f"{tuple(xtr.shape[1:])}")

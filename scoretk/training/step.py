@@ -1,6 +1,6 @@
 """One optimisation step of `scoretk train`, on its own so the benchmarks time the same code.
 
-The loop around it (data, checkpoints, signals, logging) is in `scoretk.train`.
+The loop around it (data, checkpoints, signals, logging) is in `scoretk.training`.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def make_optimiser(net: nn.Module, optim: OptimConfig) -> torch.optim.Adam:
 
 class TrainStep:
     """One optimisation step: loss, backward, gradient norm (clipped if configured), Adam,
-    averager. `scoretk.train.train` runs it, and `benchmarks/bench_train.py` times this same
+    averager. `scoretk.training.train` runs it, and `benchmarks/bench_train.py` times this same
     object, so the benchmark measures the loop users run.
 
     Finiteness is tracked on the device (`first_bad`), so a step never waits for the host;

@@ -1,0 +1,5 @@
+import sys
+
+from scoretk.evaluation.evaluate import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""How a command runs: devices and processes (torchrun), CPU threads, memory settings."""

@@ -2,7 +2,7 @@
 NCSN/NCSNv2 code and checkpoints in every path the nets take: eager with the hand-written
 backward, no-grad sampling, the plain formula torch.compile traces, channels_last input, and
 double backward; alone and fused with the ELU that follows them. Outputs and gradients are
-checked against the formula transcribed below, in float64.
+checked against the formula transcribed below (docs/theory.md, "InstanceNorm++"), in float64.
 
 The inputs make every detail of the formula matter: channel spreads from 0.01 to 3 (the 1e-5
 inside the instance norm's square root moves outputs by up to 5%), channel means within ~0.01

@@ -95,8 +95,9 @@ def instance_norm_pp(x: Tensor, gamma: Tensor, alpha: Tensor, beta: Tensor,
     mu_hat_k = (mu_k - m)/v, m and v^2 the mean and the unbiased variance of the channel
     means mu_k over the C channels (so C >= 2):
     z_k = gamma_k (h_k + alpha_k mu_hat_k) + beta_k,
-    the function of the released NCSN/NCSNv2 code and checkpoints (the NCSN paper's appendix
-    writes alpha's term outside gamma, with a biased variance: other weights, other function).
+    the function of the released NCSN/NCSNv2 code and checkpoints (docs/theory.md,
+    "InstanceNorm++"; the NCSN paper's appendix writes alpha's term outside gamma, with a
+    biased variance: other weights, other function).
     With `elu_alpha`, returns ELU(z) instead (see `layers.norm_act`).
 
     Eager mode runs a fused version (`_InstanceNormPP`: 3 passes over x forward, a hand-written

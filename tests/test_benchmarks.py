@@ -74,12 +74,12 @@ def test_bench_layers_switches_each_change_off_and_back_on(benchmarks, capsys):
     finally:
         sys.path.remove(str(BENCH))
     from scoretk_plugins.nets import layers
-    before = (layers.instance_norm_pp, layers.norm_act, layers._pool, layers.ELU.forward)
+    before = (layers.instance_norm_pp, layers.norm_act, layers.pool5x5, layers.ELU.forward)
     med = bench_layers.main([*TINY])
     text = capsys.readouterr().out
     assert ("all on", "fwd+bwd") in med and len(med) == 2 * (1 + len(bench_layers.CHANGES))
     assert "without InstanceNorm++ and ELU as one op" in text
-    assert (layers.instance_norm_pp, layers.norm_act, layers._pool, layers.ELU.forward) == before
+    assert (layers.instance_norm_pp, layers.norm_act, layers.pool5x5, layers.ELU.forward) == before
 
 
 def test_every_ablation_patch_is_reached(benchmarks):

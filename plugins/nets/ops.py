@@ -300,3 +300,50 @@ def _dilated_weight_grad(grad: Tensor, x: Tensor, d: int) -> Tensor:
             window = xp[:, d * kh:d * kh + h, d * kw:d * kw + w].reshape(-1, x.shape[1])
             torch.mm(g.t(), window, out=out[:, kh, kw])
     return out.permute(0, 3, 1, 2)
+
+
+# ---------------------------------------------------------------------------- pooling, upsampling
+
+def pool5x5(x: Tensor, kind: str) -> Tensor:
+    """5x5 stride-1 pooling with padding 2 (`pool5x5_plain`), computed where it runs fastest.
+
+    PyTorch's CPU kernels for it are far faster in channels_last than in NCHW (vectorised over
+    channels), which pays for converting there and back. Max pooling is separable (the same
+    values from a 5x1 then a 1x5 pass, 10 instead of 25 comparisons per output): used without
+    gradient, and on CUDA in channels_last also with gradient, where its backward is faster
+    too (on the CPU it is not). Timings: benchmarks/README.md (layer ablation).
+    """
+    if x.dim() != 4 or torch.compiler.is_compiling() or x.device.type not in ("cpu", "cuda"):
+        return pool5x5_plain(x, kind)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    grad = torch.is_grad_enabled() and x.requires_grad
+    if x.device.type == "cuda" and kind == "avg" and channels_last and grad:
+        # PyTorch's channels_last CUDA kernel for avg-pool backward with padding returned wrong
+        # input gradients before its fix (pytorch/pytorch#188344, torch 2.11); torch>=2.6 is
+        # allowed, so NCHW here
+        return pool5x5_plain(x.contiguous(), kind).contiguous(memory_format=torch.channels_last)
+    if x.device.type == "cpu" and not x.is_contiguous(memory_format=torch.channels_last):
+        return pool5x5_plain(x.contiguous(memory_format=torch.channels_last), kind).contiguous()
+    if kind == "max" and (not grad or x.device.type == "cuda" and channels_last):
+        return F.max_pool2d(F.max_pool2d(x, (5, 1), 1, (2, 0)), (1, 5), 1, (0, 2))
+    return pool5x5_plain(x, kind)
+
+
+def pool5x5_plain(x: Tensor, kind: str) -> Tensor:
+    pool = F.max_pool2d if kind == "max" else F.avg_pool2d
+    return pool(x, 5, stride=1, padding=2)
+
+
+def upsample_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear upsampling with align_corners (as the reference code). PyTorch's CUDA kernel
+    for NCHW gives each thread one output pixel and loops it over batch x channels; its
+    channels_last kernel spreads over every element, so NCHW tensors go there and back."""
+    if x.device.type == "cuda" and x.dim() == 4 and not torch.compiler.is_compiling() \
+            and not x.is_contiguous(memory_format=torch.channels_last):
+        x = x.contiguous(memory_format=torch.channels_last)
+        return upsample_bilinear_plain(x, size).contiguous()
+    return upsample_bilinear_plain(x, size)
+
+
+def upsample_bilinear_plain(x: Tensor, size: tuple[int, int]) -> Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)

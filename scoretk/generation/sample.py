@@ -139,6 +139,7 @@ def run_sampling(*, registry: Registry, out: str, run_dir: str | None = None,
     _check_arguments(out_path, num_samples, batch_size, resume, force, grid)
     _check_overrides(overrides)
     dist = setup_distributed(device)
+    writer: SampleStore | None = None  # rank 0's hold on the file: a second run is refused
     try:
         existing = SampleStore(out_path) if resume and out_path.exists() else None
         job = _prepare(dist, registry, existing, run_dir, checkpoint, num_samples, batch_size,
@@ -155,9 +156,10 @@ def run_sampling(*, registry: Registry, out: str, run_dir: str | None = None,
         if dist.is_main:
             if existing:
                 existing.trim()
+                writer = existing
             else:
-                SampleStore.create(out_path, job.model.shape, job.attrs,
-                                   keep_float=job.keep_float)
+                writer = SampleStore.create(out_path, job.model.shape, job.attrs,
+                                            keep_float=job.keep_float)
         dist.barrier()
         store = SampleStore(out_path)
         start, t0 = store.num_written, time.perf_counter()
@@ -179,6 +181,8 @@ def run_sampling(*, registry: Registry, out: str, run_dir: str | None = None,
                 _write_grid(out_path, grid, store.is_image)
         return out_path
     finally:
+        if writer is not None:
+            writer.close()
         dist.shutdown()
 
 

@@ -78,8 +78,8 @@ def _link_new(tmp: Path, path: Path) -> None:
 
 
 def sync_directory(path: str | Path) -> None:
-    """Make renames, links and deletions in directory `path` durable (where the file system
-    can: elsewhere this is a no-op)."""
+    """Make new names, renames and deletions in directory `path` durable (where the file
+    system can: elsewhere this does nothing)."""
     with contextlib.suppress(OSError):
         _fsync(Path(path), os.O_RDONLY)
 

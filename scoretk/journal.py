@@ -3,14 +3,14 @@ previous writes left: a rollback journal under POSIX record locks, for h5py's `f
 
 HDF5 updates its metadata and compressed chunks in place, so a process killed inside a write,
 or a disk that fills up, can leave a file whose earlier rows cannot be read any more. Here
-HDF5 reads and writes a `Overlay` instead: the file's bytes on disk with the changed pages and
+HDF5 reads and writes an `Overlay` instead: the file's bytes on disk with the changed pages and
 the new tail held in memory. `JournaledFile.writing` then commits them the way SQLite's
 rollback journal does: the original content of every page about to be overwritten goes to a
 journal beside the file (`.<name>.scoretk-journal`) and is made durable; then the new bytes go
-to the file and are made durable; then the journal is deleted. Whoever next finds a journal
-puts those pages back and cuts the file to its old length (or, without write access, reads
-through them): the file is exactly as the last complete commit left it, whatever moment the
-writer stopped at.
+to the file and are made durable; then the journal is retired (deleted, or made invalid in
+place by a run that will commit again). Whoever next finds a valid journal puts those pages
+back and cuts the file to its old length (or, without write access, reads through them): the
+file is exactly as the last complete commit left it, whatever moment the writer stopped at.
 
 Locks, both fcntl (POSIX) record locks on single bytes of the file, which name their holder:
 `RUN_BYTE` is held by the process that owns a run on the file (`claim`), for the whole run;
@@ -270,7 +270,7 @@ def _write_journal(path: Path, blob: bytes) -> None:
     finally:
         os.close(fd)
     if created:
-        _sync_directory(path.parent)
+        sync_directory(path.parent)
 
 
 def _retire_journal(path: Path, keep: bool) -> None:
@@ -284,19 +284,6 @@ def _retire_journal(path: Path, keep: bool) -> None:
     fd = os.open(jpath, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         DISK.write(fd, bytes(len(MAGIC)), 0)
-    finally:
-        os.close(fd)
-
-
-def _sync_directory(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        DISK.sync(fd)
-    except OSError:
-        pass  # some file systems cannot sync a directory
     finally:
         os.close(fd)
 
@@ -350,8 +337,7 @@ class _Handle:
     """This process's one descriptor for a file, and what it holds on it."""
 
     fd: int
-    inode: int
-    path: Path
+    key: tuple[int, int]  # (device, inode)
     writable: bool
     users: int = 0
     claimed: bool = False
@@ -368,10 +354,11 @@ def _key(st: os.stat_result) -> tuple[int, int]:
 
 
 def _regular(path: Path, st: os.stat_result) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        raise NotRegularFile(f"{path}: is a directory")
     if not stat.S_ISREG(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise NotRegularFile(f"{path}: {kind} (a device, pipe or socket is never read or "
-                             "replaced)" if kind != "a directory" else f"{path}: {kind}")
+        raise NotRegularFile(f"{path}: not a regular file (a device, pipe or socket is never "
+                             "read or replaced)")
 
 
 def _acquire(path: Path) -> _Handle:
@@ -387,12 +374,14 @@ def _acquire(path: Path) -> _Handle:
                 raise
             fd, writable = os.open(path, os.O_RDONLY | flags), False
         st = os.fstat(fd)
-        _regular(path, st)
+        if not stat.S_ISREG(st.st_mode):  # replaced between stat and open
+            os.close(fd)
+            _regular(path, st)
         handle = _handles.get(_key(st))
         if handle is not None:  # the name moved to a file we hold between stat and open:
             handle.spare.append(fd)  # closing this one would drop our locks on it
         else:
-            handle = _handles[_key(st)] = _Handle(fd, st.st_ino, path, writable)
+            handle = _handles[_key(st)] = _Handle(fd, _key(st), writable)
     handle.users += 1
     return handle
 
@@ -400,7 +389,7 @@ def _acquire(path: Path) -> _Handle:
 def _release(handle: _Handle) -> None:
     handle.users -= 1
     if handle.users <= 0 and not handle.claimed:
-        _handles.pop(_key(os.fstat(handle.fd)), None)
+        _handles.pop(handle.key, None)
         for fd in (handle.fd, *handle.spare):
             os.close(fd)
 
@@ -418,7 +407,8 @@ class JournaledFile:
 
     @property
     def key(self) -> tuple[int, int]:
-        return _key(os.fstat(self._fd))
+        """(device, inode): which file this is, whatever its name is now."""
+        return self._live.key
 
     @property
     def writable(self) -> bool:
@@ -486,8 +476,10 @@ class JournaledFile:
             _lock(handle.fd, COMMIT_BYTE, fcntl.LOCK_UN)
 
     def _journal(self) -> tuple[int, dict[int, bytes]] | None:
+        """None without a journal; (length, pages) to roll back to; (-1, {}) for a journal
+        that holds nothing to roll back (cut short, retired, another file's)."""
         blob = _read_journal(self.path)
-        return None if blob is None else (_decode(blob, self._live.inode) or (-1, {}))
+        return None if blob is None else (_decode(blob, self._live.key[1]) or (-1, {}))
 
     def recover(self) -> None:
         """Put back what an unfinished commit changed, and delete a journal that is no longer
@@ -510,9 +502,9 @@ class JournaledFile:
             found = self._journal()
             if found is not None and outer and self.writable and self._try_recover():
                 found = None
-            size, pages = found if found and found[0] >= 0 else (os.fstat(self._fd).st_size,
-                                                                  {})
-            yield Overlay(self._fd, size, pages)
+            if found is None or found[0] < 0:  # no journal, or one that changes nothing
+                found = (os.fstat(self._fd).st_size, {})
+            yield Overlay(self._fd, *found)
 
     def _try_recover(self) -> bool:
         """Recover now if no other process is reading (upgrading our shared lock)."""
@@ -540,8 +532,8 @@ class JournaledFile:
     def _commit(self, overlay: Overlay) -> None:
         fd, base = self._fd, overlay.base
         before = {page: _pread(fd, len(buf), page * PAGE)
-                  for page, buf in overlay.pages.items() if page * PAGE < base}
-        _write_journal(self.path, _encode(self._live.inode, base, sorted(
+                  for page, buf in overlay.pages.items()}
+        _write_journal(self.path, _encode(self._live.key[1], base, sorted(
             (page * PAGE, data) for page, data in before.items())))
         try:
             for offset, data in overlay.runs():

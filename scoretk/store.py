@@ -125,13 +125,15 @@ def _claimed(jf: JournaledFile) -> JournaledFile:
     return jf
 
 
-def _write_failure(path: Path, exc: OSError, kept: int) -> StoreError:
-    if exc.errno in DISK_FULL:
-        return StoreError(f"{path}: disk full while writing ({_first_line(exc)}); its first "
-                          f"{kept} samples are intact: free some space, then `scoretk sample "
-                          f"--out {path} --resume`")
-    return StoreError(f"{path}: cannot write ({_first_line(exc)}); its first {kept} samples "
-                      "are intact")
+def _write_failure(path: Path, exc: OSError, kept: int | None) -> StoreError:
+    """One line for a failed write: `kept` rows are intact (None: the file was being created
+    and nothing at `path` changed)."""
+    full = exc.errno in DISK_FULL
+    what = f"{'disk full' if full else 'cannot write'} ({_first_line(exc)})"
+    if kept is None:
+        return StoreError(f"{path}: {what} while creating it; nothing was changed")
+    then = (f": free some space, then `scoretk sample --out {path} --resume`" if full else "")
+    return StoreError(f"{path}: {what}; its first {kept} samples are intact{then}")
 
 
 # ---------------------------------------------------------------------------- attributes
@@ -249,7 +251,7 @@ def _publish(path: Path, data: bytes, *, exclusive: bool) -> None:
         raise StoreError(f"{path}: another process created it meanwhile; run again with "
                          "--resume or --force") from None
     except OSError as exc:
-        raise _write_failure(path, exc, 0) from None
+        raise _write_failure(path, exc, None) from None
 
 
 class SampleStore:
@@ -349,7 +351,14 @@ class SampleStore:
                     _h5(overlay, "r+", self.path) as f:
                 yield f
         except OSError as exc:
-            raise _write_failure(self.path, exc, self.num_written) from None
+            raise _write_failure(self.path, exc, self._written_now()) from None
+
+    def _written_now(self) -> int:
+        """num_written as the file says after a failed write (another rank may have added
+        rows since this process last looked); this store's count if it cannot be read."""
+        with contextlib.suppress(StoreError, OSError):
+            return SampleStore(self.path).num_written
+        return self.num_written
 
     # ------------------------------------------------------------------------ writing
 

@@ -12,13 +12,14 @@ steps (+1 denoising step); throughput does not depend on L, so a short schedule 
 from __future__ import annotations
 
 import argparse
-from contextlib import nullcontext
 
 import common  # noqa: I001  (puts the checkout on sys.path)
 import torch
 from torch import nn
 
+from scoretk import assemble
 from scoretk.assemble import count_parameters
+from scoretk.execution.policy import ExecutionPolicy
 from scoretk.rng import PerSampleNoise
 
 
@@ -57,21 +58,22 @@ class CUDAGraphNet(nn.Module):
 
 
 def ours(args, reg, device: torch.device, combo: str):
+    """A closure sampling one batch as `scoretk sample` does: the execution policy places the
+    net and splits its batches; `compile`, `cuda_graphs`, `bf16` and `inference_mode` are
+    options only this benchmark has."""
     opts = set(combo.split("+"))
-    torch.manual_seed(args.seed)
-    net = common.build_ncsnv2(reg, args.ngf, args.size, args.channels, args.levels, device).eval()
-    net = common.apply_layout(net, opts)
-    averager = reg.build("averager", {"kind": "ema", "rate": 0.999}, model=net)
-    schedule = common.build_schedule(reg, args.sigma_max, args.sigma_min, args.levels)
-    schedule.sigmas = schedule.sigmas.to(device)
-    sampler = reg.build("sampler", {"kind": "annealed_langevin", "steps_per_level": args.steps,
-                                    "eps": args.eps, "denoise": True})
+    recipe = common.bench_recipe(args, reg, opts)
+    policy = ExecutionPolicy.for_training(recipe.train)
     shape = (args.channels, args.size, args.size)
-    run_net = torch.compile(net) if "compile" in opts else common.apply_threads(net, device, opts)
+    torch.manual_seed(args.seed)
+    model = assemble.build_model(recipe, reg, shape)
+    net = common.apply_layout(policy.place(model.net, shape).eval(), opts)
+    averager = assemble.build_averager(recipe, reg, net)
+    schedule, sampler = model.schedule, model.sampler
+    schedule.sigmas = schedule.sigmas.to(device)
+    run_net = torch.compile(net) if "compile" in opts else policy.for_sampling_net(net)
     if "cuda_graphs" in opts:
         run_net = CUDAGraphNet(run_net)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if "bf16" in opts \
-        else nullcontext
     grad_mode = torch.inference_mode if "inference_mode" in opts else torch.no_grad
     batch_index = [0]
 
@@ -79,7 +81,7 @@ def ours(args, reg, device: torch.device, combo: str):
         b = batch_index[0]
         batch_index[0] += 1
         noise = PerSampleNoise(args.seed, range(b * args.batch, (b + 1) * args.batch), device)
-        with grad_mode(), averager.averaged(net), autocast():
+        with grad_mode(), averager.averaged(net), policy.autocast():
             x = sampler.sample(run_net, schedule, shape, noise, device=device)
         x.float().cpu()  # what the writer does with a finished batch
 

@@ -1,5 +1,6 @@
 """Training-step throughput (images/s) of NCSNv2: one step = DSM loss, backward, gradient
-norm, finiteness check, Adam, EMA; scoretk's side calls scoretk.training.step.TrainStep itself. Per
+norm, finiteness check, Adam, EMA; scoretk's side is built by scoretk.training.builder, as
+`scoretk train` builds it. Per
 speed option; optionally the same for the public NCSNv2 code (--reference DIR).
 
     python benchmarks/bench_train.py                       # ngf 32, 32 px, batch 32, CPU
@@ -14,37 +15,31 @@ import torch
 from torch import nn
 
 from scoretk.assemble import count_parameters
-from scoretk.recipe import OptimConfig
+from scoretk.execution.policy import ExecutionPolicy
 from scoretk.rng import derive_seed, generator
-from scoretk.training.step import TrainStep, make_optimiser
+from scoretk.training.builder import build_trainer
 
 
 def ours(args, reg, device: torch.device, combo: str):
-    """A closure running `args.steps` steps of scoretk.training.step.TrainStep (what `scoretk train`
-    runs per batch) with the options in `combo`."""
+    """A closure running `args.steps` training steps as `scoretk train` builds them
+    (scoretk.training.builder: the recipe's settings through the execution policy), with the
+    options in `combo` as the recipe's train settings."""
     opts = set(combo.split("+"))
-    torch.manual_seed(args.seed)
-    net = common.build_ncsnv2(reg, args.ngf, args.size, args.channels, args.levels, device)
-    net = common.apply_layout(net, opts)
-    optimiser = make_optimiser(net, OptimConfig(lr=1e-4))
-    averager = reg.build("averager", {"kind": "ema", "rate": 0.999}, model=net)
-    loss_fn = reg.build("loss", {"kind": "dsm"})
-    schedule = common.build_schedule(reg, args.sigma_max, args.sigma_min, args.levels)
-    schedule.sigmas = schedule.sigmas.to(device)
-    train_net = torch.compile(net) if "compile" in opts else common.apply_threads(net, device, opts)
-    train_step = TrainStep(net, train_net, loss_fn, schedule, optimiser, averager,
-                           bf16="bf16" in opts)
-    x = common.layout_input(torch.rand(args.batch, args.channels, args.size, args.size,
-                                       device=device), opts)
+    recipe = common.bench_recipe(args, reg, opts)
+    policy = ExecutionPolicy.for_training(recipe.train)
+    shape = (args.channels, args.size, args.size)
+    trainer = build_trainer(recipe, reg, shape, policy)
+    common.apply_layout(trainer.net, opts)
+    x = policy.as_input(torch.rand(args.batch, *shape, device=device))
     state = {"step": 0}
 
     def run() -> None:
         for _ in range(args.steps):
             step = state["step"]
-            train_step(x, generator(derive_seed(args.seed, "step", step, 0), device), step)
+            trainer.step(x, generator(derive_seed(args.seed, "step", step, 0), device), step)
             state["step"] = step + 1
 
-    return run, count_parameters(net)
+    return run, count_parameters(trainer.net)
 
 
 def reference(args, ref: common.Reference, device: torch.device):

@@ -200,32 +200,36 @@ def build_ncsnv2(reg, ngf: int, size: int, channels: int, num_levels: int,
     return net.to(device)
 
 
-def build_schedule(reg, sigma_max: float, sigma_min: float, num_levels: int):
-    return reg.build("schedule", {"kind": "geometric", "sigma_max": sigma_max,
-                                  "sigma_min": sigma_min, "num_levels": num_levels})
+def bench_recipe(args, reg, opts: set[str]):
+    """A recipe for the benchmarked NCSNv2 (its data are never loaded: the benchmarks feed
+    random tensors), with the speed options as the recipe's own train settings."""
+    from scoretk.recipe import Recipe
+
+    return Recipe.from_dict({
+        "name": "bench",
+        "data": {"kind": "image_folder", "root": "unused", "image_size": args.size,
+                 "channels": args.channels},
+        "schedule": {"kind": "geometric", "sigma_max": args.sigma_max,
+                     "sigma_min": args.sigma_min, "num_levels": args.levels},
+        "net": {"kind": "ncsnv2", "ngf": args.ngf},
+        "loss": {"kind": "dsm"},
+        "sampler": {"kind": "annealed_langevin", "steps_per_level": getattr(args, "steps", 1),
+                    "eps": getattr(args, "eps", 1e-6), "denoise": True},
+        "averager": {"kind": "ema", "rate": 0.999},
+        "optim": {"lr": 1e-4},
+        "train": {"iterations": 1, "batch_size": args.batch, "seed": args.seed,
+                  "device": args.device.split(":")[0], "channels_last": "channels_last" in opts,
+                  "compile": "compile" in opts, "bf16": "bf16" in opts,
+                  "batch_threads": 1 if "unsplit" in opts else "auto"},
+    }, reg, source="benchmark")
 
 
 def apply_layout(net: torch.nn.Module, opts: set[str]) -> torch.nn.Module:
-    """'channels_last': weights to channels_last; 'nchw': make the RefineNet run in the input's
-    (NCHW) layout instead of its default, channels_last on CPU and CUDA."""
+    """'nchw': make the RefineNet run in the input's (NCHW) layout instead of its default,
+    channels_last on CPU and CUDA."""
     if "nchw" in opts:
         net.layout = "input"
-    if "channels_last" in opts:
-        net = net.to(memory_format=torch.channels_last)
     return net
-
-
-def apply_threads(net: torch.nn.Module, device: torch.device,
-                  opts: set[str]) -> torch.nn.Module:
-    """The net as `scoretk train` and `scoretk sample` call it: on CPU, with the batch split
-    across torch's threads (`batch_threads: auto`), unless 'unsplit' asks for the plain net
-    (`batch_threads: 1`). Compiled nets are not split, here or in scoretk."""
-    from scoretk.execution.batch_threads import split_batches
-    return split_batches(net, 1 if "unsplit" in opts else "auto", device)
-
-
-def layout_input(x: torch.Tensor, opts: set[str]) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if "channels_last" in opts else x
 
 
 # ---------------------------------------------------------------------------- the reference

@@ -106,11 +106,13 @@ def main(ctx: click.Context, debug: bool) -> None:
 def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
           run_dir: str | None) -> None:
     """Train the recipe; resumes its run directory's latest checkpoint unless --restart."""
+    from scoretk.execution.policy import ExecutionPolicy
     from scoretk.training import Interrupted, TrainingError, train as run_training
 
+    recipe = _load(recipe_path, overrides)
+    policy = ExecutionPolicy.for_training(recipe.train).setup_process()
     try:
-        run_training(_load(recipe_path, overrides), _registry(), run_dir=run_dir,
-                     restart=restart)
+        run_training(recipe, _registry(), run_dir=run_dir, restart=restart, policy=policy)
     except Interrupted as exc:
         click.echo(f"\n{exc}", err=True)
         sys.exit(130)
@@ -119,6 +121,8 @@ def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
             raise
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    finally:
+        policy.dist.shutdown()
 
 
 @main.command()
@@ -136,11 +140,19 @@ def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
 @click.option("--grid", type=click.Path(dir_okay=False), help="Also write a PNG grid.")
 @override_option
 @friendly_errors
-def sample(**kwargs: Any) -> None:
+def sample(**options: Any) -> None:
     """Generate samples into an HDF5 file, batch by batch (resumable)."""
+    from scoretk.execution.policy import ExecutionPolicy
+    from scoretk.generation.request import SampleRequest
     from scoretk.generation.sample import run_sampling
 
-    run_sampling(registry=_registry(), **kwargs)
+    request = SampleRequest.from_options(**options)
+    request.check()
+    policy = ExecutionPolicy.for_sampling(request.device).setup_process()
+    try:
+        run_sampling(request, _registry(), policy)
+    finally:
+        policy.dist.shutdown()
 
 
 @main.command()

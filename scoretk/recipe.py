@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
@@ -28,6 +28,9 @@ COMPONENT_SECTIONS: dict[str, str] = {
 FIXED_BY_RUN = ("data", "schedule", "net", "loss", "averager")
 """Sections a training run fixes: a resume must agree on them, and sampling from its
 checkpoint cannot change them (the rest, sampler and loop settings, may change)."""
+
+SAMPLING_SECTIONS = ("sampler", "sample")
+"""Sections `scoretk sample` may override and a sample file records for its resume."""
 
 
 class RecipeError(Exception):
@@ -193,12 +196,16 @@ def _from_validation(exc: ValidationError, source: str, prefix: str = "") -> Rec
     return RecipeError(source, field, msg)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'net.ngf=64' -> (['net', 'ngf'], 64); the value is parsed as a YAML scalar."""
+Override = tuple[tuple[str, ...], Any]
+"""A parsed `-o dotted.key=value`: (('net', 'ngf'), 64)."""
+
+
+def parse_override(text: str) -> Override:
+    """'net.ngf=64' -> (('net', 'ngf'), 64); the value is parsed as a YAML scalar."""
     if "=" not in text:
         raise RecipeError("-o", text, "an override must look like dotted.key=value")
     key, value = text.split("=", 1)
-    keys = key.strip().split(".")
+    keys = tuple(key.strip().split("."))
     if not all(keys):
         raise RecipeError("-o", key, "empty key in dotted path")
     try:
@@ -210,10 +217,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return keys, parsed
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str | Override]) -> dict[str, Any]:
+    """A copy of `raw` with each override (text or already parsed) applied in order."""
     raw = copy.deepcopy(raw)
-    for text in overrides:
-        keys, value = parse_override(text)
+    for override in overrides:
+        keys, value = parse_override(override) if isinstance(override, str) else override
         node = raw
         for i, k in enumerate(keys[:-1]):
             child = node.get(k)

@@ -70,3 +70,20 @@ class BatchNoise:
     def rand(self, shape: tuple[int, ...]) -> Tensor:
         return torch.rand((self.batch_size, *shape), generator=self.generator,
                           device=self._device(), dtype=self.dtype).to(self.device)
+
+
+def global_rng_state() -> dict:
+    """The global RNG states, for checkpoints: scoretk draws from per-step generators, but a
+    plugin's net may use the global RNG (dropout), and a resumed run must see the same numbers."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_global_rng_state(state: dict) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and \
+            len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

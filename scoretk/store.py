@@ -201,9 +201,9 @@ def _check_layout(path: Path, f: h5py.File, attrs: dict[str, Any]) -> None:
         if not (isinstance(ds, h5py.Dataset) and ds.dtype == kind and ds.shape[1:] == shape
                 and ds.maxshape[0] is None):
             got = f"{ds.dtype} {ds.shape}" if isinstance(ds, h5py.Dataset) else "missing"
+            need = f"a resizable {np.dtype(kind)} (N, {', '.join(map(str, shape))})"
             raise StoreError(f"{path}: dataset {name!r} is {got}, but item_shape {list(item)} "
-                             f"needs a resizable {np.dtype(kind)} (N, {', '.join(map(str, shape))}): "
-                             "not a file scoretk wrote")
+                             f"needs {need}: not a file scoretk wrote")
         if not 0 <= written <= ds.shape[0]:
             raise StoreError(f"{path}: damaged: num_written is {written} but {name!r} has "
                              f"{ds.shape[0]} rows")

@@ -420,6 +420,8 @@ def test_bad_checkpoints_are_one_line_errors_and_leave_the_output_alone(ckpts, t
     (["-n", "-5"], "--num-samples must be positive"),
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--resume", "--force"], "give one"),
+    (["--seed", str(2**70)], "--seed must be a whole number from 0 to 2**63 - 1"),
+    (["--seed", "-1"], "--seed must be"),
     (["-o", "net.hidden=4"], "only sampler.* and sample.*"),
     (["-o", "sampler.steps_per_level=0"], "sampler.steps_per_level"),
     (["-o", "sampler.nonsense=1"], "sampler.nonsense"),

@@ -68,13 +68,11 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
-def _journaled(path: Path, *, missing_ok: bool = False) -> JournaledFile | None:
+def _journaled(path: Path) -> JournaledFile:
     """The file opened through the journal, every failure one StoreError line."""
     try:
         return JournaledFile(path)
     except FileNotFoundError:
-        if missing_ok:
-            return None
         raise StoreError(f"{path}: file not found") from None
     except NotRegularFile as exc:
         raise StoreError(str(exc)) from None
@@ -100,9 +98,7 @@ def reading(path: str | Path) -> Iterator[h5py.File]:
     """Any HDF5 file, read-only, as its last complete commit left it (a sample file cut off
     mid-write is read without the unfinished write)."""
     path = Path(path)
-    jf = _journaled(path)
-    assert jf is not None
-    with jf, jf.reading() as overlay, _h5(overlay, "r", path) as f:
+    with _journaled(path) as jf, jf.reading() as overlay, _h5(overlay, "r", path) as f:
         yield f
 
 
@@ -262,9 +258,7 @@ class SampleStore:
         self.path = Path(path)
         self._writer: JournaledFile | None = None
         self._release: weakref.finalize | None = None
-        jf = _journaled(self.path)
-        assert jf is not None
-        with jf:
+        with _journaled(self.path) as jf:
             self.key = jf.key
             with jf.reading() as overlay, _h5(overlay, "r", self.path) as f:
                 self._load(f)
@@ -317,7 +311,6 @@ class SampleStore:
         if self._writer is not None:
             return
         jf = _journaled(self.path)
-        assert jf is not None
         if jf.key != self.key:
             jf.close()
             raise StoreError(f"{self.path}: replaced by another process since it was read; "
@@ -331,9 +324,7 @@ class SampleStore:
         if self._writer is not None:
             yield self._writer
             return
-        jf = _journaled(self.path)
-        assert jf is not None
-        with jf:
+        with _journaled(self.path) as jf:
             if jf.key != self.key:
                 raise StoreError(f"{self.path}: replaced by another file since it was opened")
             yield jf
@@ -372,7 +363,7 @@ class SampleStore:
         """
         path = Path(path)
         data = _new_file(tuple(int(n) for n in item_shape), attrs, keep_float)
-        old = _journaled(path, missing_ok=True)
+        old = _journaled(path) if os.path.lexists(path) else None
         try:
             if old is not None:
                 _claimed(old)

@@ -450,11 +450,7 @@ class JournaledFile:
         if not self._live.claimed:
             if not _lock(self._fd, RUN_BYTE, fcntl.LOCK_EX, wait=False):
                 raise FileBusy(self.path, _holder(self._fd, RUN_BYTE))
-            try:
-                now = os.stat(self.path)
-            except FileNotFoundError:
-                now = None
-            if now is None or _key(now) != self.key:
+            if not self._named():
                 _lock(self._fd, RUN_BYTE, fcntl.LOCK_UN)
                 raise FileBusy(self.path, None)
             self._live.claimed = self._claimed = True
@@ -475,6 +471,13 @@ class JournaledFile:
             handle.committing = False
             _lock(handle.fd, COMMIT_BYTE, fcntl.LOCK_UN)
 
+    def _named(self) -> bool:
+        """Whether the path still names this file."""
+        try:
+            return _key(os.stat(self.path)) == self.key
+        except FileNotFoundError:
+            return False
+
     def _journal(self) -> tuple[int, dict[int, bytes]] | None:
         """None without a journal; (length, pages) to roll back to; (-1, {}) for a journal
         that holds nothing to roll back (cut short, retired, another file's)."""
@@ -484,6 +487,8 @@ class JournaledFile:
     def recover(self) -> None:
         """Put back what an unfinished commit changed, and delete a journal that is no longer
         needed (the caller holds COMMIT_BYTE exclusively). The run's writer keeps its own."""
+        if not self._named():
+            return  # the name is another file's now, and so is any journal beside it
         found = self._journal()
         if found is None:
             return

@@ -431,6 +431,8 @@ class JournaledFile:
         self.close()
 
     def close(self) -> None:
+        """Give up the run lock if this one took it (and the journal the run kept), and the
+        descriptor with the process's last user of it."""
         if self._handle is None:
             return
         if self._claimed:

@@ -24,7 +24,7 @@ from scoretk.generation.job import SampleJob, resolve_job
 from scoretk.generation.request import SampleRequest
 from scoretk.registry import Registry
 from scoretk.rng import PerSampleNoise, derive_seed
-from scoretk.store import SampleStore, write_grid_from_file
+from scoretk.store import SampleStore
 
 
 def run_sampling(request: SampleRequest, registry: Registry,
@@ -41,7 +41,7 @@ def run_sampling(request: SampleRequest, registry: Registry,
         if existing.complete:
             if dist.is_main:
                 print(f"{out}: already complete ({existing.num_written} samples)")
-                _write_grid(out, request.grid, existing.is_image)
+                _write_grid(out, request.grid, registry)
             return out
     store = _open_store(out, job, existing, dist)
     start, t0 = store.num_written, time.perf_counter()
@@ -57,7 +57,7 @@ def run_sampling(request: SampleRequest, registry: Registry,
         store.close()  # rank 0 lets go of the file
     if dist.is_main:
         _report(job, out, start, time.perf_counter() - t0)
-        _write_grid(out, request.grid, store.is_image)
+        _write_grid(out, request.grid, registry)
     return out
 
 
@@ -122,9 +122,13 @@ def _sample_batch(job: SampleJob, indices: range, data: Any, bar: "_Progress") -
     return x.float().cpu()
 
 
-def _write_grid(out: Path, grid: Path | None, is_image: bool) -> None:
+def _write_grid(out: Path, grid: Path | None, registry: Registry) -> None:
+    """The --grid picture: images beside real ones, or 2-D points over the data."""
     if grid:
-        write_grid_from_file(out, grid, 64 if is_image else 5000)
+        from scoretk.pictures import sample_picture
+
+        for note in sample_picture(out, grid, None, registry):
+            print(note, file=sys.stderr)
         print(f"grid: {grid}")
 
 

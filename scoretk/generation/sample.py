@@ -53,6 +53,8 @@ def run_sampling(request: SampleRequest, registry: Registry,
                   f"samples; `scoretk sample --out {out} --resume` continues it",
                   file=sys.stderr)
         raise
+    finally:
+        store.close()  # rank 0 lets go of the file
     if dist.is_main:
         _report(job, out, start, time.perf_counter() - t0)
         _write_grid(out, request.grid, registry)
@@ -62,15 +64,19 @@ def run_sampling(request: SampleRequest, registry: Registry,
 def _open_store(out: Path, job: SampleJob, existing: SampleStore | None,
                 dist: Dist) -> SampleStore:
     """A new file, or the resumed one with any unrecorded rows dropped (rank 0 writes, after
-    every rank has checked it)."""
+    every rank has checked it). Rank 0's store holds the file's run lock until `close`: a
+    second run on it is refused; the other ranks append under that lock."""
     dist.barrier()
+    held = None
     if dist.is_main:
         if existing:
             existing.trim()
+            held = existing
         else:
-            SampleStore.create(out, job.model.shape, job.attrs, keep_float=job.keep_float)
+            held = SampleStore.create(out, job.model.shape, job.attrs,
+                                      keep_float=job.keep_float)
     dist.barrier()
-    return SampleStore(out)
+    return held or SampleStore(out)
 
 
 def _report(job: SampleJob, out: Path, start: int, elapsed: float) -> None:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from scoretk import __version__, journal
 from scoretk.files import deferred_signals, remove_stale_temps, replacing
-from scoretk.images import save_scatter, save_uint8_grid, to_uint8
+from scoretk.images import to_uint8
 from scoretk.journal import FileBusy, JournaledFile, NotRegularFile, Overlay
 
 FORMAT = "scoretk-samples-1"
@@ -53,8 +53,7 @@ NOT_RESUMABLE = "it cannot be resumed: start over with `scoretk sample --force`"
 STALE_TEMP = 600.0
 """Seconds after which a temporary file beside a store is a dead creator's (see `create`)."""
 
-__all__ = ["SampleStore", "StoreError", "describe", "reading", "to_uint8",
-           "write_grid_from_file"]
+__all__ = ["SampleStore", "StoreError", "describe", "reading", "to_uint8"]
 
 
 class StoreError(Exception):
@@ -507,23 +506,3 @@ def _state(store: SampleStore) -> str:
         reason = str(exc).removeprefix(f"{store.path}: ")
         return f"{'yes' if store.complete else 'no'}, but the file is {reason}; {NOT_RESUMABLE}"
     return "yes" if store.complete else "no (resume with `scoretk sample --resume`)"
-
-
-def write_grid_from_file(path: str | Path, png: str | Path, k: int = 64) -> None:
-    """PNG of the first k samples: an image mosaic, or a scatter plot for 2-D points."""
-    if k <= 0:
-        raise StoreError(f"-k must be positive (got {k})")
-    png = Path(png)
-    if not png.parent.is_dir():
-        raise StoreError(f"{png}: directory {png.parent} does not exist")
-    store = SampleStore(path)
-    rows = store.read(k)
-    if len(rows) == 0:
-        raise StoreError(f"{store.path}: no samples written yet")
-    if store.is_image:
-        save_uint8_grid(rows, png)
-    elif rows.shape[1] == 2:
-        save_scatter(rows, png)
-    else:
-        raise StoreError(f"{store.path}: a grid needs images or 2-D points, the samples are "
-                         f"{rows.shape[1]}-D vectors")

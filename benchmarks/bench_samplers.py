@@ -91,8 +91,20 @@ def run(kind: str, params: dict, net: nn.Module, schedule, shape, n: int, batch:
     return torch.cat(out), sampler.last_evaluations, time.perf_counter() - t0
 
 
-def sweep(budgets: list[int], kinds: list[str], do: Callable[[str, int], list[str]]) -> list[list[str]]:
-    return [do(kind, b) for kind in kinds for b in budgets]
+def sweep(budgets: list[int], kinds: list[str], do: Callable[[str, int], list[str]],
+          width: int) -> list[list[str]]:
+    """Rows for every sampler and budget, each printed as it comes (runs take long); a
+    sampler that fails gets a row saying why."""
+    rows = []
+    for kind in kinds:
+        for budget in budgets:
+            try:
+                row = do(kind, budget)
+            except (RuntimeError, ValueError) as exc:
+                row = [kind, f"budget {budget}: failed: {str(exc)[:80]}", *[""] * (width - 2)]
+            print("  " + " | ".join(row), flush=True)
+            rows.append(row)
+    return rows
 
 
 def bench_mixture(budgets: list[int], kinds: list[str], n: int) -> list[list[str]]:
@@ -109,7 +121,7 @@ def bench_mixture(budgets: list[int], kinds: list[str], n: int) -> list[list[str
                 *(f"{e:.3f}" for e in errors), f"{secs:.1f}"]
 
     return [["exact draws", "", "", *(f"{e:.3f}" for e in floor), ""],
-            *sweep(budgets, kinds, do)]
+            *sweep(budgets, kinds, do, 7)]
 
 
 def load_run(run_dir: str, device: torch.device) -> tuple[Any, Any, Any]:
@@ -148,7 +160,7 @@ def bench_run(run_dir: str, budgets: list[int], kinds: list[str], batch: int,
         return [kind, _params_text(params, levels), str(nfe), f"{res['precision']:.3f}",
                 f"{res['recall']:.3f}", f"{res['fd']:.3f}", f"{secs:.0f}"]
 
-    return rows + sweep(budgets, kinds, do)
+    return rows + sweep(budgets, kinds, do, 7)
 
 
 def _params_text(params: dict, levels: int | None) -> str:

@@ -126,15 +126,17 @@ def bench_mixture(budgets: list[int], kinds: list[str], n: int) -> list[list[str
 
 def load_run(run_dir: str, device: torch.device) -> tuple[Any, Any, Any]:
     """(recipe, model with EMA weights in place, checkpoint step) from a training run."""
-    from scoretk.checkpoint import load_checkpoint
-    from scoretk.generation.sample import find_checkpoint, load_model
+    from scoretk.checkpoint import CheckpointError, RunDir, load_checkpoint
+    from scoretk.generation.job import load_model
     from scoretk.recipe import Recipe
 
-    ckpt = find_checkpoint(run_dir, None)
+    ckpt = RunDir(run_dir).latest()
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir}: no checkpoint")
     state = load_checkpoint(ckpt)
     recipe = Recipe.from_dict(dict(state["recipe"]), registry(), source=str(ckpt))
-    model, net, averager = load_model(ckpt, state, recipe, registry(), device, False)
-    averager.averaged(net).__enter__()  # keep the EMA weights in for the whole benchmark
+    model, averager = load_model(ckpt, state, recipe, registry(), device, False)
+    averager.averaged(model.net).__enter__()  # keep the EMA weights in for the whole benchmark
     return recipe, model, state.get("step")
 
 

@@ -95,6 +95,10 @@ def resolve_job(request: SampleRequest, registry: Registry, policy: ExecutionPol
              "raw_weights": bool(raw_weights), "world_size": policy.dist.world}
     sample_net = policy.replace(batch_threads=recipe.sample.batch_threads).for_sampling_net(
         model.net)
+    try:
+        model.sampler.check_net(sample_net)
+    except ValueError as exc:
+        raise RecipeError(str(ckpt), "sampler", str(exc)) from None
     return SampleJob(recipe, model, averager, sample_net, attrs, int(n), int(b), int(seed),
                      raw_weights or exported, keep_float,
                      attrs["sampler_settings"]["evaluations_per_sample"], policy.device)

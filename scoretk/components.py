@@ -58,6 +58,11 @@ class ScoreNet(nn.Module):
     """True if each sample's output depends on that sample alone (no batch norm). Such nets
     may have their batches split across CPU threads (`scoretk.execution.batch_threads`)."""
 
+    prefers_channels_last: bool = False
+    """True if the net's layers run faster on channels_last activations (CPU and CUDA): the
+    execution policy then calls it with channels_last inputs and hands back the caller's
+    layout (`scoretk.execution.layout`)."""
+
     accepts_any_sigma: bool = True
     """False for nets that know only the schedule's L levels (NCSN v1 reads `level` alone):
     samplers that evaluate the net at other sigmas refuse such nets."""

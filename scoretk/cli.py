@@ -168,6 +168,7 @@ def sample(**kwargs: Any) -> None:
 @click.option("--require", "requirements", multiple=True, metavar="[SPACE.]METRIC>=X",
               help="Threshold that must hold, e.g. precision>=0.8, 'fid<=heldout*1.5', "
               "pixels.recall>=heldout-0.2 (repeatable); exit status 1 when one fails.")
+@override_option
 @friendly_errors
 def evaluate(samples_path: str, as_json: bool, **kwargs: Any) -> None:
     """Score samples against real data: FID, KID, precision/recall, density/coverage, IS."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -81,7 +82,9 @@ def find_weights(what: str, candidates: list[Candidate],
 def _load(data: bytes, known: KnownWeights, path: Path) -> dict[str, Tensor]:
     try:
         if known.format == "torchscript":
-            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+            with warnings.catch_warnings():  # its deprecation notice says nothing to our users
+                warnings.simplefilter("ignore", FutureWarning)
+                module = torch.jit.load(io.BytesIO(data), map_location="cpu")
             return {k: v.detach().clone() for k, v in module.state_dict().items()}
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a trusted hash that will not load is one line too

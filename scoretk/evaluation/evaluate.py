@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 import h5py
 import torch
+from pydantic import ValidationError
 from torch import Tensor
 
 from scoretk.components import FeatureExtractor
@@ -128,11 +129,13 @@ def evaluate_file(samples_path: str, registry: Registry, *, against: str | None 
                   feature_names: Iterable[str] = (), feature_weights: str | None = None,
                   num_samples: int | None = None, num_reference: int = DEFAULT_NUM_REFERENCE,
                   batch_size: int = 50, device: str = "auto", seed: int = 0,
-                  requirements: Iterable[str] = ()) -> dict[str, Any]:
+                  requirements: Iterable[str] = (), overrides: Iterable[str] = ()
+                  ) -> dict[str, Any]:
     """`scoretk evaluate`: everything checkable is checked before any feature is computed."""
     reqs = [parse_requirement(r) for r in requirements]
     samples = file_source(samples_path, num_samples)
-    reference, heldout = reference_sources(samples, against, registry, num_reference, seed)
+    reference, heldout = reference_sources(samples, against, registry, num_reference, seed,
+                                           list(overrides))
     if samples.item_shape != reference.item_shape:
         raise EvaluationError(f"{samples.name} holds items of shape {samples.item_shape}, "
                               f"{reference.name} of shape {reference.item_shape}")
@@ -144,12 +147,17 @@ def evaluate_file(samples_path: str, registry: Registry, *, against: str | None 
 
 
 def reference_sources(samples: Source, against: str | None, registry: Registry,
-                      num_reference: int, seed: int = 0) -> tuple[Source, Source | None]:
+                      num_reference: int, seed: int = 0, overrides: list[str] = ()
+                      ) -> tuple[Source, Source | None]:
     """(reference, held-out) for `--against`: an HDF5 file (no held-out data), a recipe, or,
-    when absent, the recipe stored in the sample file."""
-    from scoretk.recipe import RecipeError, read_yaml
+    when absent, the recipe stored in the sample file; `overrides` (-o data.root=...) apply
+    to the recipe."""
+    from scoretk.recipe import RecipeError, apply_overrides, read_yaml
 
     if against is not None and h5py.is_hdf5(against):
+        if overrides:
+            raise EvaluationError(f"-o {overrides[0]}: overrides apply to a recipe, and "
+                                  f"{against} is an HDF5 file")
         return file_source(against, num_reference), None
     recipe = read_yaml(against) if against is not None else stored_recipe(samples.name)
     where = against or f"the recipe stored in {samples.name}"
@@ -159,10 +167,13 @@ def reference_sources(samples: Source, against: str | None, registry: Registry,
                                   "or --against RECIPE")
         raise RecipeError(against, "data", "missing: a recipe to evaluate against needs a "
                           "data block")
+    recipe = apply_overrides(recipe, overrides)
     try:
         return real_sources(recipe["data"], registry, num_reference, samples.length, seed)
-    except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
-        raise EvaluationError(f"{where}: data: {exc}".splitlines()[0]) from None
+    except ValidationError as exc:
+        fields = "; ".join(f"data.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                           for e in exc.errors())
+        raise EvaluationError(f"{where}: {fields}") from None
 
 
 def _check_requirements(reqs: list[Requirement], names: list[str],

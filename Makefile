@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/scoretk train recipes/quickstart_digits.yaml --restart
 	$(BIN)/scoretk sample --run runs/quickstart_digits -n 100 --out samples.h5 --force --grid samples.png
-	$(BIN)/python -m scoretk.evaluation samples.h5
+	$(BIN)/scoretk evaluate samples.h5 --features pixels --require 'precision>=heldout-0.2' \
+	    --require 'recall>=heldout-0.2' --require 'classes_present>=10'
 
 test: setup
 	$(BIN)/python -m pytest -q

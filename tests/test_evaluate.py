@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import scoretk_plugins.datasets as datasets
 import scoretk_plugins.features as features
 from scoretk.cli import main
-from scoretk.evaluation import evaluate, tensor_source
+from scoretk.evaluation import Settings, evaluate, tensor_source
 from scoretk.evaluation.requirements import parse_requirement
 from scoretk.evaluation.sources import EvaluationError, real_sources
 
@@ -39,7 +39,7 @@ def score(samples: torch.Tensor, requirements=()) -> dict:
     reference, heldout = real_sources(DIGITS, registry, 50_000, len(samples))
     return evaluate(tensor_source(samples), reference, heldout,
                     {"pixels": features.PixelFeatures()},
-                    [parse_requirement(r) for r in requirements], kid_subsets=10)
+                    [parse_requirement(r) for r in requirements], settings=Settings(kid_subsets=10))
 
 
 def noise_like(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -169,9 +169,10 @@ def test_reference_features_are_cached_by_data_and_extractor(heldout_digits, pri
     for _ in range(2):
         reference, heldout = real_sources(DIGITS, registry, 1000, 50)
         evaluate(tensor_source(x[:50]), reference, heldout, {"pixels": Counting()},
-                 kid_subsets=2)
+                 settings=Settings(kid_subsets=2))
     assert Counting.calls == (1000 + 50) + 2 * 50  # real data once, samples each time
     assert len(list(private_cache.rglob("*.npz"))) == 2  # reference and held-out
     reference, heldout = real_sources(DIGITS, registry, 900, 50)  # another N: another entry
-    evaluate(tensor_source(x[:50]), reference, heldout, {"pixels": Counting()}, kid_subsets=2)
+    evaluate(tensor_source(x[:50]), reference, heldout, {"pixels": Counting()},
+             settings=Settings(kid_subsets=2))
     assert len(list(private_cache.rglob("*.npz"))) == 3

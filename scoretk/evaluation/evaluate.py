@@ -13,17 +13,15 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import h5py
-import torch
 from pydantic import ValidationError
 from torch import Tensor
 
 from scoretk.components import FeatureExtractor
 from scoretk.evaluation.features import cached_extract, extract
 from scoretk.evaluation.metrics import (K_NEIGHBOURS, KID_SUBSET_SIZE, KID_SUBSETS,
-                                        GaussianStats,
-                                        class_histogram, frechet_distance, gaussian_stats,
-                                        inception_score, kernel_distance, knn_classify,
-                                        knn_radii, manifold_metrics)
+                                        GaussianStats, class_histogram, frechet_distance,
+                                        gaussian_stats, inception_score, kernel_distance,
+                                        knn_classify, knn_radii, manifold_metrics)
 from scoretk.evaluation.requirements import Requirement, parse_requirement
 from scoretk.evaluation.sources import (EvaluationError, Source, file_source, fixed_subset,
                                         real_sources, stored_recipe)
@@ -32,6 +30,16 @@ from scoretk.registry import Registry
 DEFAULT_NUM_REFERENCE = 50_000
 """Reference items (the size of CIFAR-10's training set, against which papers report FID)."""
 FID_COMPARABLE_N = 10_000
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How an evaluation runs: feature batch size, the seed of every fixed subset (reference,
+    held-out, k-NN balls, KID subsets), and the number of KID subsets."""
+
+    batch_size: int = 50
+    seed: int = 0
+    kid_subsets: int = KID_SUBSETS
 
 
 @dataclass(frozen=True)
@@ -52,12 +60,12 @@ def real_features(features: Tensor, labels: Tensor | None, num_balls: int,
                         knn_radii(centres, K_NEIGHBOURS))
 
 
-def figures(fake: Tensor, real: RealFeatures, extractor: FeatureExtractor, seed: int = 0,
-            kid_subsets: int = KID_SUBSETS) -> dict[str, Any]:
+def figures(fake: Tensor, real: RealFeatures, extractor: FeatureExtractor,
+            settings: Settings = Settings()) -> dict[str, Any]:
     """Every figure for one set of features against the reference."""
     out: dict[str, Any] = {"fid": frechet_distance(gaussian_stats(fake), real.stats)}
-    out["kid_mean"], out["kid_std"] = kernel_distance(fake, real.features, kid_subsets,
-                                                      seed=seed)
+    out["kid_mean"], out["kid_std"] = kernel_distance(fake, real.features, settings.kid_subsets,
+                                                      seed=settings.seed)
     out["kid_subset_size"] = min(KID_SUBSET_SIZE, len(fake), len(real.features))
     out.update(manifold_metrics(fake, real.ball_centres, K_NEIGHBOURS, real.ball_radii))
     logits = extractor.class_logits(fake)
@@ -70,33 +78,30 @@ def figures(fake: Tensor, real: RealFeatures, extractor: FeatureExtractor, seed:
 
 
 def score_space(name: str, extractor: FeatureExtractor, samples: Source, reference: Source,
-                heldout: Source | None, batch_size: int = 50, seed: int = 0,
-                kid_subsets: int = KID_SUBSETS) -> dict[str, Any]:
+                heldout: Source | None, settings: Settings = Settings()) -> dict[str, Any]:
     """All figures in one feature space, for the samples and (if given) held-out data."""
-    ref = cached_extract(reference, extractor, name, batch_size)
-    fake = extract(samples, extractor, name, batch_size)
-    real = real_features(ref, reference.labels, len(fake), seed)
+    ref = cached_extract(reference, extractor, name, settings.batch_size)
+    fake = extract(samples, extractor, name, settings.batch_size)
+    real = real_features(ref, reference.labels, len(fake), settings.seed)
     out = {"features": name, "description": extractor.describe(), "num_samples": len(fake),
            "num_reference": len(ref), "k": K_NEIGHBOURS,
-           **figures(fake, real, extractor, seed, kid_subsets)}
+           **figures(fake, real, extractor, settings)}
     if heldout is not None:
-        held = cached_extract(heldout, extractor, name, batch_size)
-        out["heldout"] = {"num_samples": len(held),
-                          **figures(held, real, extractor, seed, kid_subsets)}
+        held = cached_extract(heldout, extractor, name, settings.batch_size)
+        out["heldout"] = {"num_samples": len(held), **figures(held, real, extractor, settings)}
     return out
 
 
 def evaluate(samples: Source, reference: Source, heldout: Source | None,
              extractors: dict[str, FeatureExtractor], requirements: Iterable[Requirement] = (),
-             *, batch_size: int = 50, seed: int = 0, kid_subsets: int = KID_SUBSETS
-             ) -> dict[str, Any]:
+             *, settings: Settings = Settings()) -> dict[str, Any]:
     """Figures in each feature space (the first at the top level, the others under
     `other_features`), requirement checks, and warnings about comparability."""
-    if samples.length <= K_NEIGHBOURS:
-        raise EvaluationError(f"{samples.name}: {samples.length} samples; the k-NN figures "
-                              f"need more than {K_NEIGHBOURS}")
-    spaces = {name: score_space(name, ext, samples, reference, heldout, batch_size, seed,
-                                kid_subsets)
+    for source in (samples, reference, heldout):
+        if source is not None and source.length <= K_NEIGHBOURS:
+            raise EvaluationError(f"{source.name}: {source.length} items; the k-NN figures "
+                                  f"need more than {K_NEIGHBOURS}")
+    spaces = {name: score_space(name, ext, samples, reference, heldout, settings)
               for name, ext in extractors.items()}
     first = next(iter(spaces))
     checks = [req.check(spaces[req.space or first]) for req in requirements]
@@ -142,8 +147,8 @@ def evaluate_file(samples_path: str, registry: Registry, *, against: str | None 
     names = list(feature_names) or (["inception_v3"] if samples.is_image else ["pixels"])
     _check_requirements(reqs, names, heldout)
     extractors = build_extractors(registry, names, feature_weights, device)
-    return evaluate(samples, reference, heldout, extractors, reqs, batch_size=batch_size,
-                    seed=seed)
+    return evaluate(samples, reference, heldout, extractors, reqs,
+                    settings=Settings(batch_size=batch_size, seed=seed))
 
 
 def reference_sources(samples: Source, against: str | None, registry: Registry,
@@ -239,14 +244,15 @@ def format_report(result: dict[str, Any]) -> str:
     lines = [head, ""] + format_space(result)
     for space in result["other_features"].values():
         lines += [""] + format_space(space)
-    checks = result["requirements"]
-    if checks:
-        lines.append("")
-        for c in checks:
-            detail = (c.get("reason") or f"{c['value']:.4g} {'>=' if '>=' in c['require'] else '<='}"
-                      f" {c['bound']:.4g}")
-            lines.append(f"{'PASS' if c['pass'] else 'FAIL'}  {c['require']}: {detail}")
-        met = sum(c["pass"] for c in checks)
-        lines.append(f"{'PASS' if result['pass'] else 'FAIL'}: {met} of {len(checks)} "
-                     "requirements met")
+    if result["requirements"]:
+        lines += [""] + format_checks(result["requirements"], result["pass"])
     return "\n".join(lines)
+
+
+def format_checks(checks: list[dict[str, Any]], passed: bool) -> list[str]:
+    lines = []
+    for c in checks:
+        detail = c.get("reason") or f"{c['value']:.4g} {c['op']} {c['bound']:.4g}"
+        lines.append(f"{'PASS' if c['pass'] else 'FAIL'}  {c['require']}: {detail}")
+    met = sum(c["pass"] for c in checks)
+    return lines + [f"{'PASS' if passed else 'FAIL'}: {met} of {len(checks)} requirements met"]

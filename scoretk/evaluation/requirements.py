@@ -41,10 +41,11 @@ class Requirement:
         return heldout_value + (-self.x if self.arith == "-" else self.x)
 
     def check(self, figures: dict[str, Any]) -> dict[str, Any]:
-        """{'require', 'value', 'bound', 'pass', 'reason'} for one feature space's figures."""
+        """{'require', 'value', 'op', 'bound', 'pass', 'reason'?} for one feature space."""
         value = figures.get(self.metric)
         held = (figures.get("heldout") or {}).get(self.metric)
-        out = {"require": self.text, "value": value, "bound": None, "pass": False}
+        out = {"require": self.text, "value": value, "op": self.op, "bound": None,
+               "pass": False}
         if value is None or (self.relative and held is None):
             out["reason"] = f"{self.metric} is not available" + (
                 "" if value is None else " for held-out data")

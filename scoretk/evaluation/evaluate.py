@@ -1,11 +1,11 @@
 """Sample quality against real data, in standard feature spaces, beside held-out real data.
 
 `scoretk evaluate SAMPLES.h5 --against (REF.h5 | RECIPE)` scores the samples in each feature
-space asked for: FID and KID against the whole reference set, k-NN precision, recall, density
-and coverage against a fixed reference subset as large as the sample set (k-NN radii depend on
-N, so both sides are the same size), the Inception Score where the extractor has a classifier,
-and, for labelled data, the classes a k-NN classifier finds. Against a recipe, held-out real
-data of the same size gets the same figures: what a perfect generator would score at this N.
+space asked for, all against the whole reference set: FID, KID, k-NN precision, recall, density
+and coverage, the Inception Score where the extractor has a classifier, and, for labelled data,
+the classes a k-NN classifier finds. Against a recipe, held-out real data of the same size gets
+the same figures: what a perfect generator would score at this N (the k-NN figures and FID
+depend on N, so a figure means little without it).
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from scoretk.evaluation.metrics import (K_NEIGHBOURS, KID_SUBSET_SIZE, KID_SUBSE
                                         gaussian_stats, inception_score, kernel_distance,
                                         knn_classify, knn_radii, manifold_metrics)
 from scoretk.evaluation.requirements import Requirement, parse_requirement
-from scoretk.evaluation.sources import (EvaluationError, Source, file_source, fixed_subset,
-                                        real_sources, stored_recipe)
+from scoretk.evaluation.sources import (EvaluationError, Source, file_source, real_sources,
+                                        stored_recipe)
 from scoretk.registry import Registry
 
 DEFAULT_NUM_REFERENCE = 50_000
@@ -34,8 +34,8 @@ FID_COMPARABLE_N = 10_000
 
 @dataclass(frozen=True)
 class Settings:
-    """How an evaluation runs: feature batch size, the seed of every fixed subset (reference,
-    held-out, k-NN balls, KID subsets), and the number of KID subsets."""
+    """How an evaluation runs: feature batch size, the seed of the KID subsets, and their
+    number."""
 
     batch_size: int = 50
     seed: int = 0
@@ -44,20 +44,18 @@ class Settings:
 
 @dataclass(frozen=True)
 class RealFeatures:
-    """Reference features and what every figure against them reuses."""
+    """Reference features and what every figure against them reuses: their Gaussian
+    statistics and each item's k-NN radius."""
 
     features: Tensor
     labels: Tensor | None
     stats: GaussianStats
-    ball_centres: Tensor
-    ball_radii: Tensor
+    radii: Tensor
 
 
-def real_features(features: Tensor, labels: Tensor | None, num_balls: int,
-                  seed: int) -> RealFeatures:
-    centres = features[fixed_subset(len(features), num_balls, seed)]
-    return RealFeatures(features, labels, gaussian_stats(features), centres,
-                        knn_radii(centres, K_NEIGHBOURS))
+def real_features(features: Tensor, labels: Tensor | None) -> RealFeatures:
+    return RealFeatures(features, labels, gaussian_stats(features),
+                        knn_radii(features, K_NEIGHBOURS))
 
 
 def figures(fake: Tensor, real: RealFeatures, extractor: FeatureExtractor,
@@ -67,7 +65,7 @@ def figures(fake: Tensor, real: RealFeatures, extractor: FeatureExtractor,
     out["kid_mean"], out["kid_std"] = kernel_distance(fake, real.features, settings.kid_subsets,
                                                       seed=settings.seed)
     out["kid_subset_size"] = min(KID_SUBSET_SIZE, len(fake), len(real.features))
-    out.update(manifold_metrics(fake, real.ball_centres, K_NEIGHBOURS, real.ball_radii))
+    out.update(manifold_metrics(fake, real.features, K_NEIGHBOURS, real.radii))
     logits = extractor.class_logits(fake)
     out["is_mean"], out["is_std"] = (None, None) if logits is None else inception_score(logits)
     if real.labels is not None:
@@ -82,7 +80,7 @@ def score_space(name: str, extractor: FeatureExtractor, samples: Source, referen
     """All figures in one feature space, for the samples and (if given) held-out data."""
     ref = cached_extract(reference, extractor, name, settings.batch_size)
     fake = extract(samples, extractor, name, settings.batch_size)
-    real = real_features(ref, reference.labels, len(fake), settings.seed)
+    real = real_features(ref, reference.labels)
     out = {"features": name, "description": extractor.describe(), "num_samples": len(fake),
            "num_reference": len(ref), "k": K_NEIGHBOURS,
            **figures(fake, real, extractor, settings)}

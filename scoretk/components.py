@@ -161,7 +161,8 @@ class FeatureExtractor(ABC):
 
     @abstractmethod
     def __call__(self, x: Tensor) -> Tensor:
-        """Features (B, D) float32 on the CPU."""
+        """Features (B, D) float32 on the CPU; ValueError (one line) for input it cannot
+        take, which the evaluation reports naming the extractor."""
 
     def class_logits(self, features: Tensor) -> Tensor | None:
         """Classifier logits computed from features (for the Inception Score); None when the

@@ -22,14 +22,17 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from scoretk.assemble import ComponentError
     from scoretk.checkpoint import CheckpointError
     from scoretk.data import DataError
+    from scoretk.evaluation.sources import EvaluationError
     from scoretk.execution.distributed import DeviceError
     from scoretk.pictures import PictureError
     from scoretk.recipe import RecipeError
     from scoretk.registry import RegistryError
     from scoretk.store import StoreError
+    from scoretk.weights import WeightsError
 
     return (RecipeError, RegistryError, CheckpointError, DataError, ComponentError, StoreError,
-            DeviceError, PictureError, FileExistsError, FileNotFoundError)
+            DeviceError, PictureError, EvaluationError, WeightsError, FileExistsError,
+            FileNotFoundError)
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -202,6 +205,45 @@ def export(run_dir: str | None, checkpoint: str | None, out: str, raw_weights: b
     ckpt, step = export_run(_registry(), out, run_dir, checkpoint, raw_weights, force)
     click.echo(f"wrote {out}: the {'raw' if raw_weights else 'averaged'} weights of {ckpt} "
                f"(step {step}); sample with scoretk sample --checkpoint {out} --out samples.h5")
+
+
+@main.command()
+@click.argument("samples_path", metavar="SAMPLES.h5", type=click.Path(dir_okay=False))
+@click.option("--against", metavar="REF.h5|RECIPE",
+              help="Real data: an HDF5 file with a 'samples' dataset, or a recipe whose data "
+              "block gives the data (then held-out data too). Default: the recipe stored in "
+              "SAMPLES.h5.")
+@click.option("--features", "feature_names", multiple=True, metavar="NAME",
+              help="Feature space, repeatable (see `scoretk plugins`). Default: inception_v3 "
+              "for images, pixels for vectors.")
+@click.option("--feature-weights", type=click.Path(dir_okay=False),
+              help="Weights file for the feature extractor (checked by SHA-256).")
+@click.option("-n", "--num-samples", type=click.IntRange(min=1),
+              help="Score the first N samples (default: all written).")
+@click.option("--num-reference", type=click.IntRange(min=2), default=50_000, show_default=True,
+              help="Reference items taken from a recipe's training data.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the fixed subsets (reference, held-out, KID subsets).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--require", "requirements", multiple=True, metavar="[SPACE.]METRIC>=X",
+              help="Threshold that must hold, e.g. precision>=0.8, 'fid<=heldout*1.5', "
+              "pixels.recall>=heldout-0.2 (repeatable); exit status 1 when one fails.")
+@override_option
+@friendly_errors
+def evaluate(samples_path: str, as_json: bool, **kwargs: Any) -> None:
+    """Score samples against real data: FID, KID, precision/recall, density/coverage, IS."""
+    import json
+
+    from scoretk.evaluation import evaluate_file, format_report
+
+    result = evaluate_file(samples_path, _registry(), **kwargs)
+    for warning in result["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(json.dumps(result, indent=1) if as_json else format_report(result))
+    if not result["pass"]:
+        sys.exit(1)
 
 
 @main.command()

@@ -224,12 +224,13 @@ def bench_recipe(args, reg, opts: set[str]):
     }, reg, source="benchmark")
 
 
-def apply_layout(net: torch.nn.Module, opts: set[str]) -> torch.nn.Module:
-    """'nchw': make the RefineNet run in the input's (NCHW) layout instead of its default,
-    channels_last on CPU and CUDA."""
-    if "nchw" in opts:
-        net.layout = "input"
-    return net
+def bench_policy(recipe, opts: set[str]):
+    """The execution policy `scoretk train` would use for the recipe; 'nchw' runs the net in
+    its input's NCHW layout instead of the channels_last it prefers on CPU and CUDA."""
+    from scoretk.execution.policy import ExecutionPolicy
+
+    policy = ExecutionPolicy.for_training(recipe.train)
+    return policy.replace(layout="input") if "nchw" in opts else policy
 
 
 # ---------------------------------------------------------------------------- the reference
@@ -251,11 +252,12 @@ class Reference:
             from losses.dsm import anneal_dsm_score_estimation
             from models import anneal_Langevin_dynamics
             from models.ema import EMAHelper
-            from models.ncsnv2 import NCSNv2
+            from models.ncsnv2 import NCSNv2, NCSNv2Deeper, NCSNv2Deepest
         finally:
             sys.path.remove(path)
         self.path = path
         self.NCSNv2, self.EMAHelper = NCSNv2, EMAHelper
+        self.NCSNv2Deeper, self.NCSNv2Deepest = NCSNv2Deeper, NCSNv2Deepest
         self.dsm, self.langevin = anneal_dsm_score_estimation, anneal_Langevin_dynamics
 
     def config(self, ngf: int, size: int, channels: int, sigma_max: float, sigma_min: float,

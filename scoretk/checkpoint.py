@@ -32,6 +32,21 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load with weights_only=True; every failure becomes one CheckpointError line."""
     path = Path(path)
+    state = load_weights_only(path, map_location)
+    if isinstance(state, (list, tuple)):
+        raise CheckpointError(f"{path}: not a scoretk checkpoint but a list, as the released "
+                              "NCSN/NCSNv2 code saves them: convert it with `scoretk import "
+                              f"{path} --recipe RECIPE --run-dir DIR`")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a scoretk checkpoint (no '{CHECKPOINT_FORMAT}' "
+                              "format marker)")
+    return state
+
+
+def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load(weights_only=True) of any torch file (scoretk's, or the released NCSN
+    code's lists); a missing, unreadable or unsafe file becomes one CheckpointError line."""
+    path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
     if path.is_dir():
@@ -49,9 +64,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as exc:  # noqa: BLE001 - torch raises many types on garbage input
         raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated: "
                               f"{type(exc).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a scoretk checkpoint (no '{CHECKPOINT_FORMAT}' "
-                              "format marker)")
     return state
 
 

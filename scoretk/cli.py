@@ -22,13 +22,17 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from scoretk.assemble import ComponentError
     from scoretk.checkpoint import CheckpointError
     from scoretk.data import DataError
+    from scoretk.evaluation.sources import EvaluationError
     from scoretk.execution.distributed import DeviceError
+    from scoretk.pictures import PictureError
     from scoretk.recipe import RecipeError
     from scoretk.registry import RegistryError
     from scoretk.store import StoreError
+    from scoretk.weights import WeightsError
 
     return (RecipeError, RegistryError, CheckpointError, DataError, ComponentError, StoreError,
-            DeviceError, FileExistsError, FileNotFoundError)
+            DeviceError, PictureError, EvaluationError, WeightsError, FileExistsError,
+            FileNotFoundError)
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -137,7 +141,8 @@ def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
 @click.option("--raw-weights", is_flag=True, help="Use the raw, not the averaged, weights.")
 @click.option("--keep-float", is_flag=True, help="Also store the float samples.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda", "mps"]))
-@click.option("--grid", type=click.Path(dir_okay=False), help="Also write a PNG grid.")
+@click.option("--grid", type=click.Path(dir_okay=False),
+              help="Also write a PNG: images beside real ones, or 2-D points over the data.")
 @override_option
 @friendly_errors
 def sample(**options: Any) -> None:
@@ -147,7 +152,7 @@ def sample(**options: Any) -> None:
     from scoretk.generation.sample import run_sampling
 
     request = SampleRequest.from_options(**options)
-    request.check()
+    request.check()  # the --grid path too, before any work
     policy = ExecutionPolicy.for_sampling(request.device).setup_process()
     try:
         run_sampling(request, _registry(), policy)
@@ -155,19 +160,116 @@ def sample(**options: Any) -> None:
         policy.dist.shutdown()
 
 
+def _sample_picture(file: str | Path, png: str | Path, count: int | None) -> None:
+    from scoretk.pictures import sample_picture
+
+    for note in sample_picture(file, png, count, _registry()):
+        click.echo(note, err=True)
+    click.echo(f"grid: {png}")
+
+
+@main.command("import")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--recipe", "recipe_path", required=True, type=click.Path(dir_okay=False),
+              help="The recipe the checkpoint was trained with (recipes/ncsnv2_cifar10.yaml, ...).")
+@override_option
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False),
+              help="The new run directory to create.")
+@friendly_errors
+def import_checkpoint(checkpoint: str, recipe_path: str, overrides: tuple[str, ...],
+                      run_dir: str) -> None:
+    """Convert a checkpoint of the released NCSN/NCSNv2 code into a scoretk run."""
+    from scoretk.interop.importer import import_released
+
+    done = import_released(checkpoint, _load(recipe_path, overrides), _registry(), run_dir)
+    click.echo(f"imported {checkpoint} ({done.net}, {done.layout}, step {done.step}, "
+               f"{done.parameters:,} parameters{', EMA weights' if done.ema else ''}) "
+               f"into {done.checkpoint}")
+    click.echo(f"sample: scoretk sample --run {run_dir} --out samples.h5; resume training: "
+               f"scoretk train {recipe_path} --run-dir {run_dir} (with the same -o options)")
+
+
+@main.command()
+@click.option("--run", "run_dir", type=click.Path(), help="Run directory (its latest checkpoint).")
+@click.option("--checkpoint", type=click.Path(), help="A checkpoint file.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="The .safetensors file to write.")
+@click.option("--raw-weights", is_flag=True, help="The raw, not the averaged, weights.")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@friendly_errors
+def export(run_dir: str | None, checkpoint: str | None, out: str, raw_weights: bool,
+           force: bool) -> None:
+    """Write a checkpoint's weights to a safetensors file (averaged weights by default)."""
+    from scoretk.interop.export import export_run
+
+    ckpt, step = export_run(_registry(), out, run_dir, checkpoint, raw_weights, force)
+    click.echo(f"wrote {out}: the {'raw' if raw_weights else 'averaged'} weights of {ckpt} "
+               f"(step {step}); sample with scoretk sample --checkpoint {out} --out samples.h5")
+
+
+@main.command()
+@click.argument("samples_path", metavar="SAMPLES.h5", type=click.Path(dir_okay=False))
+@click.option("--against", metavar="REF.h5|RECIPE",
+              help="Real data: an HDF5 file with a 'samples' dataset, or a recipe whose data "
+              "block gives the data (then held-out data too). Default: the recipe stored in "
+              "SAMPLES.h5.")
+@click.option("--features", "feature_names", multiple=True, metavar="NAME",
+              help="Feature space, repeatable (see `scoretk plugins`). Default: inception_v3 "
+              "for images, pixels for vectors.")
+@click.option("--feature-weights", type=click.Path(dir_okay=False),
+              help="Weights file for the feature extractor (checked by SHA-256).")
+@click.option("-n", "--num-samples", type=click.IntRange(min=1),
+              help="Score the first N samples (default: all written).")
+@click.option("--num-reference", type=click.IntRange(min=2), default=50_000, show_default=True,
+              help="Reference items taken from a recipe's training data.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the fixed subsets (reference, held-out, KID subsets).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--require", "requirements", multiple=True, metavar="[SPACE.]METRIC>=X",
+              help="Threshold that must hold, e.g. precision>=0.8, 'fid<=heldout*1.5', "
+              "pixels.recall>=heldout-0.2 (repeatable); exit status 1 when one fails.")
+@override_option
+@friendly_errors
+def evaluate(samples_path: str, as_json: bool, **kwargs: Any) -> None:
+    """Score samples against real data: FID, KID, precision/recall, density/coverage, IS."""
+    import json
+
+    from scoretk.evaluation import evaluate_file, format_report
+
+    result = evaluate_file(samples_path, _registry(), **kwargs)
+    for warning in result["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(json.dumps(result, indent=1) if as_json else format_report(result))
+    if not result["pass"]:
+        sys.exit(1)
+
+
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--grid", type=click.Path(dir_okay=False), help="Write a PNG grid of samples.")
-@click.option("-k", "count", default=64, show_default=True, help="Samples in the grid.")
+@click.option("--grid", type=click.Path(dir_okay=False),
+              help="Write a PNG: images beside real ones, or 2-D points over the data.")
+@click.option("-k", "count", type=int, help="Samples drawn (default: 64 images, 2000 points).")
 @friendly_errors
-def inspect(file: str, grid: str | None, count: int) -> None:
+def inspect(file: str, grid: str | None, count: int | None) -> None:
     """Show what an HDF5 sample file holds."""
-    from scoretk.store import describe, write_grid_from_file
+    from scoretk.store import describe
 
     click.echo(describe(file))
     if grid:
-        write_grid_from_file(file, grid, count)
-        click.echo(f"grid: {grid}")
+        _sample_picture(file, grid, count)
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False), help="PNG to write (default RUN/loss.png).")
+@friendly_errors
+def plot(run: str, out: str | None) -> None:
+    """Loss curves of a training run from RUN/metrics.jsonl: overall and per noise level."""
+    from scoretk.pictures import plot_metrics
+
+    click.echo(f"wrote {plot_metrics(run, out)}")
 
 
 @main.command()
@@ -184,6 +286,26 @@ def plugins() -> None:
             click.echo(f"    {comp.kind:9s} {comp.name:22s} {comp.description}")
     if loaded.errors:
         click.echo(f"{len(loaded.errors)} plugin(s) failed to load; the others work.")
+
+
+@main.command("describe")
+@click.argument("what", metavar="[KIND|SECTION]", required=False)
+@click.argument("name", required=False)
+@click.option("--markdown", is_flag=True,
+              help="Markdown tables (the README's component reference is this output).")
+@friendly_errors
+def describe_command(what: str | None, name: str | None, markdown: bool) -> None:
+    """Components and recipe sections with their parameters: type, default, constraint,
+    description. No argument: the kinds, their sections and components."""
+    from scoretk import describe
+
+    if markdown and what is None:
+        click.echo(describe.markdown(_registry()), nl=False)
+    elif what is None:
+        click.echo(describe.overview(_registry()))
+    else:
+        entries = describe.select(_registry(), what, name)
+        click.echo(describe.as_markdown(entries) if markdown else describe.as_text(entries))
 
 
 @main.group()
@@ -206,13 +328,16 @@ def recipe_validate(recipe_path: str, overrides: tuple[str, ...]) -> None:
 @override_option
 @friendly_errors
 def recipe_show(recipe_path: str, overrides: tuple[str, ...]) -> None:
-    """Print the resolved recipe, then its size: parameters, levels, evaluations."""
-    from scoretk.summary import summarise
+    """Print the recipe (its `auto` values resolved when the data are at hand), then its
+    size: parameters, levels, evaluations."""
+    from scoretk.summary import resolve_if_possible, summarise
 
-    loaded = _load(recipe_path, overrides)
-    click.echo(loaded.to_yaml().rstrip())
+    resolved, notes = resolve_if_possible(_load(recipe_path, overrides), _registry())
+    click.echo(resolved.to_yaml().rstrip())
     click.echo("---")
-    for key, value in summarise(loaded, _registry()).items():
+    for note in notes:
+        click.echo(f"# {note}")
+    for key, value in summarise(resolved, _registry()).items():
         click.echo(f"# {key}: {value}")
 
 

@@ -8,11 +8,14 @@ the target (an atomic step on POSIX file systems), and the directory entry is fl
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import io
 import os
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Callable, Iterator
@@ -22,9 +25,14 @@ TEMP_SUFFIX = ".tmp"
 
 
 @contextlib.contextmanager
-def replacing(path: str | Path) -> Iterator[Path]:
+def replacing(path: str | Path, *, exclusive: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block succeeds, make its content durable
-    and rename it over `path`. On any exception the temporary file is removed."""
+    and rename it over `path`. On any exception the temporary file is removed.
+
+    With `exclusive`, `path` must not exist: it is made by a hard link, which fails with
+    FileExistsError when another process created `path` in the meantime (where the file
+    system has no hard links, by a rename after a last look).
+    """
     path = Path(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     tmp = Path(name)
@@ -35,12 +43,45 @@ def replacing(path: str | Path) -> Iterator[Path]:
         os.close(fd)
         yield tmp
         _fsync(tmp, os.O_RDONLY)
-        os.replace(tmp, path)
+        (_link_new if exclusive else os.replace)(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (not every FS can)
-        _fsync(path.parent, os.O_RDONLY)
+    sync_directory(path.parent)
+
+
+def remove_stale_temps(path: str | Path, older_than: float) -> int:
+    """Delete the temporary files of `replacing(path)` that are older than `older_than`
+    seconds: left by a process that died before its rename (a live one's is younger).
+    Returns how many went."""
+    path, removed = Path(path), 0
+    cutoff = time.time() - older_than
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            if tmp.is_file() and tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed += 1
+    return removed
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (FAT, some network file systems)
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
+def sync_directory(path: str | Path) -> None:
+    """Make new names, renames and deletions in directory `path` durable (where the file
+    system can: elsewhere this does nothing)."""
+    with contextlib.suppress(OSError):
+        _fsync(Path(path), os.O_RDONLY)
 
 
 def _fsync(path: Path, flags: int) -> None:

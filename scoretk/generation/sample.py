@@ -24,7 +24,7 @@ from scoretk.generation.job import SampleJob, resolve_job
 from scoretk.generation.request import SampleRequest
 from scoretk.registry import Registry
 from scoretk.rng import PerSampleNoise, derive_seed
-from scoretk.store import SampleStore, write_grid_from_file
+from scoretk.store import SampleStore
 
 
 def run_sampling(request: SampleRequest, registry: Registry,
@@ -41,7 +41,7 @@ def run_sampling(request: SampleRequest, registry: Registry,
         if existing.complete:
             if dist.is_main:
                 print(f"{out}: already complete ({existing.num_written} samples)")
-                _write_grid(out, request.grid, existing.is_image)
+                _write_grid(out, request.grid, registry)
             return out
     store = _open_store(out, job, existing, dist)
     start, t0 = store.num_written, time.perf_counter()
@@ -53,24 +53,30 @@ def run_sampling(request: SampleRequest, registry: Registry,
                   f"samples; `scoretk sample --out {out} --resume` continues it",
                   file=sys.stderr)
         raise
+    finally:
+        store.close()  # rank 0 lets go of the file
     if dist.is_main:
         _report(job, out, start, time.perf_counter() - t0)
-        _write_grid(out, request.grid, store.is_image)
+        _write_grid(out, request.grid, registry)
     return out
 
 
 def _open_store(out: Path, job: SampleJob, existing: SampleStore | None,
                 dist: Dist) -> SampleStore:
     """A new file, or the resumed one with any unrecorded rows dropped (rank 0 writes, after
-    every rank has checked it)."""
+    every rank has checked it). Rank 0's store holds the file's run lock until `close`: a
+    second run on it is refused; the other ranks append under that lock."""
     dist.barrier()
+    held = None
     if dist.is_main:
         if existing:
             existing.trim()
+            held = existing
         else:
-            SampleStore.create(out, job.model.shape, job.attrs, keep_float=job.keep_float)
+            held = SampleStore.create(out, job.model.shape, job.attrs,
+                                      keep_float=job.keep_float)
     dist.barrier()
-    return SampleStore(out)
+    return held or SampleStore(out)
 
 
 def _report(job: SampleJob, out: Path, start: int, elapsed: float) -> None:
@@ -116,9 +122,13 @@ def _sample_batch(job: SampleJob, indices: range, data: Any, bar: "_Progress") -
     return x.float().cpu()
 
 
-def _write_grid(out: Path, grid: Path | None, is_image: bool) -> None:
+def _write_grid(out: Path, grid: Path | None, registry: Registry) -> None:
+    """The --grid picture: images beside real ones, or 2-D points over the data."""
     if grid:
-        write_grid_from_file(out, grid, 64 if is_image else 5000)
+        from scoretk.pictures import sample_picture
+
+        for note in sample_picture(out, grid, None, registry):
+            print(note, file=sys.stderr)
         print(f"grid: {grid}")
 
 

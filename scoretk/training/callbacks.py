@@ -99,8 +99,8 @@ class PreviewGrid:
         t.net.eval()
         with t.averager.averaged(t.net):
             noise = PerSampleNoise(derive_seed(cfg.seed, "grid"), range(cfg.grid_size), device)
-            x = t.model.sampler.sample(t.net, t.model.schedule, t.model.shape, noise,
-                                       device=device)
+            x = t.model.sampler.sample(self.s.policy.for_sampling_net(t.net), t.model.schedule,
+                                       t.model.shape, noise, device=device)
         t.net.train(was_training)
         save_grid(x.float().cpu(), self.s.run.dir.samples / f"step-{info.step:08d}.png")
 

@@ -173,6 +173,20 @@ def test_mlp_sigma_input_conditions_beyond_scaling(registry):
         assert not torch.allclose(net(x, s2, level) * s2[:, None], out * s1[:, None])
 
 
+def test_mlp_sigma_features_are_sines_and_cosines_of_log_sigma(registry):
+    net = build(registry, "mlp", (3,), hidden=8, depth=1, sigma_features=4)
+    assert net.net[0].in_features == 3 + 1 + 2 * 4
+    seen = {}
+    net.net[0].register_forward_hook(lambda m, args, out: seen.update(h=args[0]))
+    x, sigma = torch.randn(2, 3), torch.tensor([0.05, 7.0])
+    net(x, sigma, torch.zeros(2, dtype=torch.long))
+    angles = sigma.log()[:, None] * torch.tensor([1.0, 16 ** (1 / 3), 16 ** (2 / 3), 16.0])
+    expected = torch.cat([x, sigma.log()[:, None], angles.sin(), angles.cos()], dim=1)
+    torch.testing.assert_close(seen["h"], expected)
+    assert build(registry, "mlp", (3,), sigma_input=False, sigma_features=4).net[0].in_features == 3
+    assert not list(build(registry, "mlp", (3,)).buffers())  # none unless used: EMA states fit
+
+
 def test_mlp_params_validated(registry):
     with pytest.raises(pydantic.ValidationError):
         build(registry, "mlp", (2,), activation="os.system")

@@ -11,7 +11,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveInt
 from torch import Tensor, nn
 
 from scoretk.components import ScoreNet
@@ -30,6 +30,10 @@ class MLPParams(Params):
         'silu', description="nonlinearity after every hidden layer")
     sigma_input: bool = Field(True, description="feed log(sigma) as an extra input; false: the "
                               "output is exactly s'(x)/sigma (NCSNv2's unconditional form)")
+    sigma_features: NonNegativeInt = Field(
+        0, description="with sigma_input, also feed sin and cos of log(sigma) at this many "
+        "frequencies (1 to 16 per unit of log sigma): the noise level in a form the first "
+        "layer can use directly")
 
 
 class ScoreMLP(ScoreNet):
@@ -38,11 +42,15 @@ class ScoreMLP(ScoreNet):
     batch_independent = True
 
     def __init__(self, dim: int, hidden: int = 128, depth: int = 3,
-                 activation: str = 'silu', sigma_input: bool = True):
+                 activation: str = 'silu', sigma_input: bool = True, sigma_features: int = 0):
         super().__init__()
         self.sigma_input = sigma_input
+        n = sigma_features if sigma_input else 0
+        # None when unused: no buffer, so nets (and their EMA state) stay as they were
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(16), n)) if n
+                             else None, persistent=False)
         act = ACTIVATIONS[activation]
-        dims = [dim + sigma_input, *(hidden,) * depth]
+        dims = [dim + sigma_input + 2 * n, *(hidden,) * depth]
         layers: list[nn.Module] = []
         for d_in, d_out in zip(dims[:-1], dims[1:]):
             layers += [nn.Linear(d_in, d_out), act()]
@@ -52,7 +60,11 @@ class ScoreMLP(ScoreNet):
         h = x.flatten(1)
         sigma = sigma.to(h.dtype).view(-1, 1)
         if self.sigma_input:
-            h = torch.cat([h, sigma.log().expand(h.shape[0], 1)], dim=1)
+            log_sigma = sigma.log().expand(h.shape[0], 1)
+            h = torch.cat([h, log_sigma], dim=1)
+            if self.freqs is not None:
+                angles = log_sigma * self.freqs
+                h = torch.cat([h, angles.sin(), angles.cos()], dim=1)
         return (self.net(h) / sigma).view_as(x)
 
 
@@ -61,4 +73,5 @@ def build_mlp(params: MLPParams, *, shape: tuple[int, ...], num_levels: int) -> 
     dim = math.prod(shape)
     if dim < 1:
         raise ValueError(f"net 'mlp' needs a non-empty item shape, got {tuple(shape)}")
-    return ScoreMLP(dim, params.hidden, params.depth, params.activation, params.sigma_input)
+    return ScoreMLP(dim, params.hidden, params.depth, params.activation, params.sigma_input,
+                    params.sigma_features)

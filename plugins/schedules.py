@@ -180,7 +180,7 @@ def scoretk_register(registry) -> None:
                  "geometric sigmas; sigma_max/num_levels may be 'auto' (NCSNv2 techniques 1, 2)")
     registry.add("schedule", "log_uniform", build_log_uniform, GeometricParams,
                  "training draws log sigma uniformly in [sigma_min, sigma_max] (score_sde VE); "
-                 "samplers walk geometric levels, parameters as geometric")
+                 "samplers walk geometric levels")
     registry.add("schedule", "log_normal", LogNormalSchedule, LogNormalParams,
                  "training draws ln sigma ~ N(p_mean, p_std^2) (EDM); samplers walk "
                  "rho-spaced levels")

@@ -126,9 +126,27 @@ def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
         policy.dist.shutdown()
 
 
+model_options = [
+    click.option("--run", "run_dir", type=click.Path(),
+                 help="Run directory (its latest checkpoint)."),
+    click.option("--checkpoint", type=click.Path(), help="A checkpoint file."),
+    click.option("--recipe", type=click.Path(dir_okay=False),
+                 help="A recipe whose net has no trainable parameters (an exact score): no "
+                 "checkpoint needed."),
+]
+
+
+def with_options(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
+    """Decorate a command with a shared list of click options."""
+    def decorate(fn: Any) -> Any:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
 @main.command()
-@click.option("--run", "run_dir", type=click.Path(), help="Run directory (its latest checkpoint).")
-@click.option("--checkpoint", type=click.Path(), help="A checkpoint file.")
+@with_options(model_options)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="HDF5 file to write.")
 @click.option("-n", "--num-samples", type=int, help="Default: the recipe's sample.num_samples.")
 @click.option("--batch-size", type=int, help="Default: the recipe's sample.batch_size.")
@@ -140,10 +158,21 @@ def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda", "mps"]))
 @click.option("--grid", type=click.Path(dir_okay=False),
               help="Also write a PNG: images beside real ones, or 2-D points over the data.")
+@click.option("--inpaint-mask", metavar="MASK",
+              help="Inpaint: a black-and-white PNG, or FILE.h5[:DATASET] of 0/1; white (1) "
+              "pixels are generated, the others come from --known.")
+@click.option("--known", metavar="SOURCE",
+              help="The known pixels for --inpaint-mask: 'data' (the recipe's held-out data) "
+              "or a sample file.")
+@click.option("--colourise", metavar="SOURCE",
+              help="Colourise the grey images of SOURCE: 'data' or a sample file.")
+@click.option("--interpolate", type=int, metavar="K",
+              help="Groups of K samples moving smoothly from one to another.")
 @override_option
 @friendly_errors
 def sample(**options: Any) -> None:
-    """Generate samples into an HDF5 file, batch by batch (resumable)."""
+    """Generate samples into an HDF5 file, batch by batch (resumable), optionally inpainting,
+    colourising or interpolating."""
     from scoretk.execution.policy import ExecutionPolicy
     from scoretk.generation.request import SampleRequest
     from scoretk.generation.sample import run_sampling

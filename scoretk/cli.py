@@ -186,6 +186,65 @@ def sample(**options: Any) -> None:
         policy.dist.shutdown()
 
 
+@main.command()
+@with_options(model_options)
+@click.option("-n", "--num-samples", type=int, default=1000, show_default=True,
+              help="Items of the data to score (all of them if fewer).")
+@click.option("--batch-size", type=int, default=100, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Chooses the items, their dequantisation and trace-estimator vectors.")
+@click.option("--solver", type=click.Choice(["auto", "adaptive", "heun"]), default="auto",
+              show_default=True, help="auto: adaptive where torchdiffeq is installed and the "
+              "net accepts any sigma, else Heun steps through the schedule.")
+@click.option("--tolerance", type=float, default=1e-5, show_default=True,
+              help="rtol and atol of the adaptive solver.")
+@click.option("--raw-weights", is_flag=True, help="Use the raw, not the averaged, weights.")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@friendly_errors
+def likelihood(as_json: bool, run_dir: str | None, checkpoint: str | None,
+               recipe: str | None, **options: Any) -> None:
+    """Bits per dimension on the recipe's data (held-out where there is a split), by the
+    probability-flow ODE."""
+    import json
+
+    from scoretk.evaluation.bits_per_dim import LikelihoodRequest, format_table, measure
+
+    as_path = lambda p: Path(p) if p else None  # noqa: E731
+    request = LikelihoodRequest(checkpoint=as_path(checkpoint), run_dir=as_path(run_dir),
+                                recipe=as_path(recipe), **options)
+    request.check()
+    with _LikelihoodProgress() as bar:
+        try:
+            res = measure(request, _registry(), bar)
+        except RuntimeError as exc:  # the adaptive solver gave up: one line, as training's stop
+            if _debug():
+                raise
+            click.echo(f"error: {str(exc).splitlines()[0]}", err=True)
+            sys.exit(1)
+    click.echo(json.dumps(res, indent=1) if as_json else format_table(res))
+
+
+class _LikelihoodProgress:
+    """A tqdm bar in items for `measure`'s progress(done, total, evaluations) callback."""
+
+    def __init__(self):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(unit="item", dynamic_ncols=True, disable=None)
+
+    def __enter__(self) -> "_LikelihoodProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+    def __call__(self, done: int, total: int, evaluations: int) -> None:
+        self.bar.total = total
+        self.bar.set_postfix_str(f"{evaluations} evaluations per item", refresh=False)
+        self.bar.update(done - self.bar.n)
+
+
 def _sample_picture(file: str | Path, png: str | Path, count: int | None) -> None:
     from scoretk.pictures import sample_picture
 

@@ -57,6 +57,7 @@ class SampleRequest:
             raise StoreError("--resume continues a file and --force overwrites it: give one")
         if self.checkpoint and self.run_dir:
             raise StoreError("give either --checkpoint or --run, not both")
+        check_grid_path(self.grid)
         for opt, path in (("--out", self.out), ("--grid", self.grid)):
             if path is None:
                 continue
@@ -67,3 +68,10 @@ class SampleRequest:
         if self.out.exists() and not (self.resume or self.force):
             raise StoreError(f"{self.out} already exists; --resume continues it, --force "
                              "overwrites it")
+
+
+def check_grid_path(grid: str | Path | None) -> None:
+    """Grids are PNG files: another suffix is refused before any work is done."""
+    if grid is not None and Path(grid).suffix.lower() != ".png":
+        raise StoreError(f"--grid {grid}: grids are written as PNG; give a file name ending "
+                         "in .png")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,9 @@ from torch import Tensor
 from scoretk import assemble
 from scoretk.execution.distributed import Dist
 from scoretk.execution.policy import ExecutionPolicy
+from scoretk.files import Stopped
 from scoretk.generation.job import SampleJob, resolve_job
+from scoretk.generation.preflight import check_resources
 from scoretk.generation.request import SampleRequest
 from scoretk.registry import Registry
 from scoretk.rng import PerSampleNoise, derive_seed
@@ -43,16 +45,17 @@ def run_sampling(request: SampleRequest, registry: Registry,
                 print(f"{out}: already complete ({existing.num_written} samples)")
                 _write_grid(out, request.grid, existing.is_image)
             return out
+    check_resources(job, out, existing.num_written if existing else 0)
     store = _open_store(out, job, existing, dist)
     start, t0 = store.num_written, time.perf_counter()
     try:
         _generate(job, store, dist, registry)
-    except KeyboardInterrupt:
-        if dist.is_main:
-            print(f"\ninterrupted: {out} is valid and holds {SampleStore(out).num_written} "
-                  f"samples; `scoretk sample --out {out} --resume` continues it",
-                  file=sys.stderr)
-        raise
+    except KeyboardInterrupt as exc:
+        if not dist.is_main:
+            raise
+        raise Stopped(getattr(exc, "signum", signal.SIGINT),
+                      f"interrupted: {out} is valid and holds {SampleStore(out).num_written} "
+                      f"samples; `scoretk sample --out {out} --resume` continues it") from None
     if dist.is_main:
         _report(job, out, start, time.perf_counter() - t0)
         _write_grid(out, request.grid, store.is_image)

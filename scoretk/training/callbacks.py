@@ -40,6 +40,7 @@ class Session:
     bar: tqdm
     writer: Any  # a tensorboard SummaryWriter or None
     last_checkpoint: Path | None = None
+    step: int = 0  # steps done
 
     @property
     def is_main(self) -> bool:

@@ -21,6 +21,10 @@ SAMPLER_COPIES = 6
 the rows for the file."""
 ACTIVATION_COPIES = 4
 """The net's largest activation counted this many times (input, output, a skip connection)."""
+NOISE_BYTES_PER_SAMPLE = 4096
+"""Each sample of a batch draws from its own generator (rng.PerSampleNoise: a Mersenne Twister
+state, and a small tensor per draw); on CPU, for small items, this is most of a batch's
+memory."""
 
 
 def check_resources(job: SampleJob, out: Path, start: int) -> None:
@@ -29,8 +33,9 @@ def check_resources(job: SampleJob, out: Path, start: int) -> None:
     item_values = math.prod(job.model.shape)
     batch = min(job.batch_size, job.num_samples - start)
     if batch > 0:
-        per_item = 4 * SAMPLER_COPIES * item_values + ACTIVATION_COPIES * largest_activation(
-            job.model.net, job.model.schedule.sigmas[:1], job.model.shape, job.device)
+        per_item = NOISE_BYTES_PER_SAMPLE + 4 * SAMPLER_COPIES * item_values + \
+            ACTIVATION_COPIES * largest_activation(job.model.net, job.model.schedule.sigmas[:1],
+                                                   job.model.shape, job.device)
         have = _free_memory(job.device)
         if have is not None and batch * per_item > have:
             raise StoreError(f"batch size {job.batch_size:,}: one batch needs about "

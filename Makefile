@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench readme clean
 
 setup: $(STAMP)
 
@@ -30,3 +30,7 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) runs samples.h5 samples.png
+
+# The README's component reference is `scoretk describe --markdown` of the built-ins.
+readme: setup
+	$(BIN)/python -m scoretk.describe README.md

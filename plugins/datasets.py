@@ -114,7 +114,9 @@ def build_digits(params: DigitsParams) -> TensorData:
 # --- 2-D toys -----------------------------------------------------------------------------
 
 class Toy2dParams(DataParams):
-    name: Literal["mixture", "rings", "swiss_roll"] = "mixture"
+    name: Literal["mixture", "rings", "swiss_roll"] = Field(
+        "mixture", description="mixture: Gaussians at `means` with `weights` and `std`; rings: "
+        "four concentric circles of radii 1.5 to 6; swiss_roll: a spiral (both with `noise`)")
     n: int = Field(10000, gt=0, description="number of points")
     seed: int = Field(0, description="the points are a function of this seed alone")
     weights: tuple[float, ...] = Field((0.2, 0.8), description="mixture weights (normalised)")
@@ -170,7 +172,7 @@ def build_toy2d(params: Toy2dParams) -> TensorData:
 
 class TorchvisionParams(DataParams):
     root: str = Field(description="directory holding the dataset files (never downloaded)")
-    train: bool = Field(True, description="training split (False: test split)")
+    train: bool = Field(True, description="true: the training split; false: the test split")
 
     def heldout_split(self) -> tuple["TorchvisionParams", "TorchvisionParams"]:
         return self.model_copy(update={"train": True}), self.model_copy(update={"train": False})
@@ -255,7 +257,8 @@ def _find_images(root: Path) -> list[Path]:
 
 class CelebAParams(DataParams):
     root: str = Field(description="directory containing celeba/img_align_celeba/*.jpg")
-    image_size: int = Field(64, gt=0)
+    image_size: int = Field(64, gt=0, description="side of the square images after the "
+                            "crop and resize")
     crop: int = Field(140, gt=0, description="centre crop side before resizing (NCSNv2: 140)")
     split: Literal["all", "train", "valid", "test"] = Field(
         "train", description="per celeba/list_eval_partition.txt; 'all' needs no split file")
@@ -298,7 +301,8 @@ def build_celeba(params: CelebAParams) -> ImageFiles:
 class ImageFolderParams(DataParams):
     root: str = Field(description="folder searched recursively for image files")
     image_size: int = Field(gt=0, description="side after centre-cropping to a square")
-    channels: Literal[1, 3] = 3
+    channels: Literal[1, 3] = Field(3, description="1: greyscale, 3: RGB (images are "
+                                    "converted on reading)")
 
     def item_shape(self) -> tuple[int, ...]:
         return (self.channels, self.image_size, self.image_size)

@@ -22,11 +22,17 @@ Auto = Literal["auto"]
 
 
 class GeometricParams(Params):
-    sigma_max: Annotated[float, Field(gt=0)] | Auto
-    sigma_min: Annotated[float, Field(gt=0)] = 0.01
-    num_levels: Annotated[int, Field(ge=2)] | Auto
-    overlap: Annotated[float, Field(gt=0, lt=1)] = 0.5
-    """C of Technique 2 (0.5 in the paper; the released configs match ~0.567)."""
+    sigma_max: Annotated[float, Field(gt=0)] | Auto = Field(
+        description="sigma_1, the largest level; auto: NCSNv2 technique 1, the largest distance "
+        "between two of up to 10k training items")
+    sigma_min: Annotated[float, Field(gt=0)] = Field(0.01, description="sigma_L, the smallest "
+                                                     "level")
+    num_levels: Annotated[int, Field(ge=2)] | Auto = Field(
+        description="L, the number of levels; auto: NCSNv2 technique 2, the fewest levels whose "
+        "neighbours overlap by `overlap`")
+    overlap: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.5, description="C of technique 2 for num_levels: auto (0.5 in the paper; the released "
+        "configs match about 0.567)")
 
     @model_validator(mode="after")
     def _order(self) -> "GeometricParams":

@@ -47,12 +47,15 @@ def resolve(recipe: Recipe, data: Dataset | None) -> Recipe:
 
 
 def needs_data(recipe: Recipe) -> list[str]:
-    """Dotted names of params still set to 'auto' (they need the data to resolve)."""
+    """Dotted names of params still 'auto' in components that resolve them from the data
+    (params with `resolve`); other components settle their own autos (a sampler's eps)."""
     out = []
     for section in COMPONENT_SECTIONS:
-        for key, value in getattr(recipe, section).params:
-            if isinstance(value, str) and value == "auto":
-                out.append(f"{section}.{key}")
+        params = getattr(recipe, section).params
+        if not callable(getattr(params, "resolve", None)):
+            continue
+        out += [f"{section}.{key}" for key, value in params
+                if isinstance(value, str) and value == "auto"]
     return out
 
 

@@ -30,12 +30,13 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from scoretk.checkpoint import CheckpointError
     from scoretk.data import DataError
     from scoretk.execution.distributed import DeviceError
+    from scoretk.pictures import PictureError
     from scoretk.recipe import RecipeError
     from scoretk.registry import RegistryError
     from scoretk.store import StoreError
 
     return (RecipeError, RegistryError, CheckpointError, DataError, ComponentError, StoreError,
-            DeviceError, LockedError, FileExistsError, FileNotFoundError)
+            DeviceError, PictureError, LockedError, FileExistsError, FileNotFoundError)
 
 
 def _is_expected(exc: Exception) -> bool:
@@ -170,7 +171,8 @@ def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
 @click.option("--raw-weights", is_flag=True, help="Use the raw, not the averaged, weights.")
 @click.option("--keep-float", is_flag=True, help="Also store the float samples.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda", "mps"]))
-@click.option("--grid", type=click.Path(dir_okay=False), help="Also write a PNG grid.")
+@click.option("--grid", type=click.Path(dir_okay=False),
+              help="Also write a PNG: images beside real ones, or 2-D points over the data.")
 @override_option
 @stops_on_signals
 @friendly_errors
@@ -181,7 +183,7 @@ def sample(**options: Any) -> None:
     from scoretk.generation.sample import run_sampling
 
     request = SampleRequest.from_options(**options)
-    request.check()
+    request.check()  # the --grid path too, before any work
     policy = ExecutionPolicy.for_sampling(request.device).setup_process()
     try:
         run_sampling(request, _registry(), policy)
@@ -189,21 +191,41 @@ def sample(**options: Any) -> None:
         policy.dist.shutdown()
 
 
+def _sample_picture(file: str | Path, png: str | Path, count: int | None) -> None:
+    from scoretk.pictures import sample_picture
+
+    for note in sample_picture(file, png, count, _registry()):
+        click.echo(note, err=True)
+    click.echo(f"grid: {png}")
+
+
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--grid", type=click.Path(dir_okay=False), help="Write a PNG grid of samples.")
-@click.option("-k", "count", default=64, show_default=True, help="Samples in the grid.")
+@click.option("--grid", type=click.Path(dir_okay=False),
+              help="Write a PNG: images beside real ones, or 2-D points over the data.")
+@click.option("-k", "count", type=int, help="Samples drawn (default: 64 images, 2000 points).")
 @friendly_errors
-def inspect(file: str, grid: str | None, count: int) -> None:
+def inspect(file: str, grid: str | None, count: int | None) -> None:
     """Show what an HDF5 sample file holds."""
-    from scoretk.generation.request import check_grid_path
-    from scoretk.store import describe, write_grid_from_file
+    from scoretk.pictures import check_png_path
+    from scoretk.store import describe
 
-    check_grid_path(grid)
+    if grid:
+        check_png_path(grid, "--grid")
     click.echo(describe(file))
     if grid:
-        write_grid_from_file(file, grid, count)
-        click.echo(f"grid: {grid}")
+        _sample_picture(file, grid, count)
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False), help="PNG to write (default RUN/loss.png).")
+@friendly_errors
+def plot(run: str, out: str | None) -> None:
+    """Loss curves of a training run from RUN/metrics.jsonl: overall and per noise level."""
+    from scoretk.pictures import plot_metrics
+
+    click.echo(f"wrote {plot_metrics(run, out)}")
 
 
 @main.command()
@@ -220,6 +242,26 @@ def plugins() -> None:
             click.echo(f"    {comp.kind:9s} {comp.name:22s} {comp.description}")
     if loaded.errors:
         click.echo(f"{len(loaded.errors)} plugin(s) failed to load; the others work.")
+
+
+@main.command("describe")
+@click.argument("what", metavar="[KIND|SECTION]", required=False)
+@click.argument("name", required=False)
+@click.option("--markdown", is_flag=True,
+              help="Markdown tables (the README's component reference is this output).")
+@friendly_errors
+def describe_command(what: str | None, name: str | None, markdown: bool) -> None:
+    """Components and recipe sections with their parameters: type, default, constraint,
+    description. No argument: the kinds, their sections and components."""
+    from scoretk import describe
+
+    if markdown and what is None:
+        click.echo(describe.markdown(_registry()), nl=False)
+    elif what is None:
+        click.echo(describe.overview(_registry()))
+    else:
+        entries = describe.select(_registry(), what, name)
+        click.echo(describe.as_markdown(entries) if markdown else describe.as_text(entries))
 
 
 @main.group()
@@ -242,13 +284,16 @@ def recipe_validate(recipe_path: str, overrides: tuple[str, ...]) -> None:
 @override_option
 @friendly_errors
 def recipe_show(recipe_path: str, overrides: tuple[str, ...]) -> None:
-    """Print the resolved recipe, then its size: parameters, levels, evaluations."""
-    from scoretk.summary import summarise
+    """Print the recipe (its `auto` values resolved when the data are at hand), then its
+    size: parameters, levels, evaluations."""
+    from scoretk.summary import resolve_if_possible, summarise
 
-    loaded = _load(recipe_path, overrides)
-    click.echo(loaded.to_yaml().rstrip())
+    resolved, notes = resolve_if_possible(_load(recipe_path, overrides), _registry())
+    click.echo(resolved.to_yaml().rstrip())
     click.echo("---")
-    for key, value in summarise(loaded, _registry()).items():
+    for note in notes:
+        click.echo(f"# {note}")
+    for key, value in summarise(resolved, _registry()).items():
         click.echo(f"# {key}: {value}")
 
 

@@ -65,37 +65,53 @@ _BATCH_THREADS = ("on CPU, split each batch across this many threads, one intra-
 class OptimConfig(_Strict):
     """Adam, as in the reference: no warm-up or learning-rate schedule."""
 
-    lr: float = Field(1e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float | None = Field(None, gt=0, description="clip the global grad norm")
+    lr: float = Field(1e-4, gt=0, description="learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam's decay rates for the "
+                                       "gradient's first and second moments")
+    eps: float = Field(1e-8, gt=0, description="Adam's epsilon, added to the root of the "
+                       "second moment")
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty added to the gradient")
+    grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm to "
+                                    "this; null: no clipping")
 
 
 class TrainConfig(_Strict):
-    iterations: int = Field(gt=0)
-    batch_size: int = Field(128, gt=0)
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    run_dir: str | None = Field(None, description="default: runs/<recipe name>")
-    checkpoint_every: int = Field(1000, gt=0)
-    keep_checkpoints: int = Field(3, gt=0)
-    log_every: int = Field(50, gt=0)
-    sample_every: int = Field(0, ge=0, description="sample grid every N steps; 0: never")
-    grid_size: int = Field(64, gt=0)
-    num_workers: int = Field(0, ge=0)
+    """The training loop: length, batches, device, checkpoints, logging."""
+
+    iterations: int = Field(gt=0, description="optimisation steps in all (a resumed run "
+                            "continues up to this)")
+    batch_size: int = Field(128, gt=0, description="items per step, summed over all processes")
+    seed: int = Field(0, description="initial weights, batch order and noise are functions of "
+                      "this seed and the step")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="auto: cuda if available, else mps, else cpu")
+    run_dir: str | None = Field(None, description="where checkpoints and metrics go; null: "
+                                "runs/<recipe name>")
+    checkpoint_every: int = Field(1000, gt=0, description="write a checkpoint every N steps "
+                                  "(and at the end)")
+    keep_checkpoints: int = Field(3, gt=0, description="the newest N checkpoints are kept")
+    log_every: int = Field(50, gt=0, description="a metrics.jsonl line every N steps")
+    sample_every: int = Field(0, ge=0, description="write samples/step-N.png with the averaged "
+                              "weights every N steps; 0: never")
+    grid_size: int = Field(64, gt=0, description="samples in each of those grids")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes reading batches; "
+                             "0: read in the training process")
     time_limit_minutes: float | None = Field(
         None, gt=0, description="checkpoint and stop after this long; rerun to resume")
     bf16: bool = Field(False, description="bf16 autocast (CUDA only)")
-    compile: bool = False
-    channels_last: bool = False
+    compile: bool = Field(False, description="torch.compile the net")
+    channels_last: bool = Field(False, description="keep image batches and the net's weights "
+                                "in channels_last memory format")
     batch_threads: BatchThreadsSetting = Field("auto", description=_BATCH_THREADS)
 
 
 class SampleConfig(_Strict):
-    num_samples: int = Field(100, gt=0)
-    batch_size: int = Field(100, gt=0)
-    seed: int = 0
+    """Defaults for `scoretk sample` (its options override them)."""
+
+    num_samples: int = Field(100, gt=0, description="samples `scoretk sample` writes unless -n")
+    batch_size: int = Field(100, gt=0, description="samples drawn at once (the output does not "
+                            "depend on it)")
+    seed: int = Field(0, description="sample i depends on (seed, i) alone")
     batch_threads: BatchThreadsSetting = Field("auto", description=_BATCH_THREADS)
 
 
@@ -111,8 +127,9 @@ class ComponentSpec(BaseModel):
 
 
 class Recipe(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    description: str = ""
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="names the run directory "
+                      "(runs/<name>)")
+    description: str = Field("", description="free text, kept with the run")
     data: ComponentSpec
     schedule: ComponentSpec
     net: ComponentSpec
@@ -144,23 +161,17 @@ class Recipe(_Strict):
         if not isinstance(raw, dict):
             raise RecipeError(source, None, "a recipe must be a mapping of sections "
                               f"(got {type(raw).__name__})")
-        raw = dict(raw)
-        components: dict[str, ComponentSpec] = {}
-        for section, kind in COMPONENT_SECTIONS.items():
-            if section not in raw:
-                continue  # reported as a missing field by pydantic below
-            components[section] = _validate_component(raw.pop(section), section, kind,
-                                                      registry, source)
+        blocks = {s: raw[s] for s in COMPONENT_SECTIONS if s in raw}
+        # The sections first, components standing in as placeholders: pydantic then reports
+        # every missing section, components included, in one go.
         placeholder = ComponentSpec(kind="?", params=None)
         try:
-            recipe = cls.model_validate(
-                {**raw, **{s: placeholder for s in COMPONENT_SECTIONS}})
+            recipe = cls.model_validate({**raw, **{s: placeholder for s in blocks}})
         except ValidationError as exc:
             raise _from_validation(exc, source, model=cls) from None
-        missing = [s for s in COMPONENT_SECTIONS if s not in components]
-        if missing:
-            raise RecipeError(source, missing[0], f"Field required (a {{kind: ...}} block for "
-                              f"the {COMPONENT_SECTIONS[missing[0]]})")
+        components = {section: _validate_component(block, section, COMPONENT_SECTIONS[section],
+                                                   registry, source)
+                      for section, block in blocks.items()}
         return recipe.model_copy(update=components)
 
 
@@ -189,6 +200,9 @@ def _from_validation(exc: ValidationError, source: str, prefix: str = "",
                      model: type[BaseModel] | None = None) -> RecipeError:
     # An unknown key first: a typo ('trian') also makes the real field look missing.
     errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    missing = [e["loc"][0] for e in errors if e["type"] == "missing" and len(e["loc"]) == 1]
+    if not prefix and errors[0]["type"] != "extra_forbidden" and missing:
+        return _missing_sections(missing, len(errors) - len(missing), source)
     where = [_field_path(e["loc"], model) for e in errors]
     first = [e for e, w in zip(errors, where) if w == where[0]]  # one per union member
     field = ".".join(p for p in (prefix, where[0]) if p) or None
@@ -228,6 +242,18 @@ def _join_alternatives(messages: list[str]) -> str:
     if len(messages) > 1 and all(m.startswith(lead) for m in messages):
         return lead + ", or ".join(m[len(lead):] for m in messages)
     return " or ".join(dict.fromkeys(messages))
+
+
+def _missing_sections(missing: list[str], others: int, source: str) -> RecipeError:
+    """Every missing section in one line, so a skeleton recipe is completed in one pass."""
+    blocks = [s for s in missing if s in COMPONENT_SECTIONS]
+    hint = ""
+    if blocks:
+        what = "a {kind: ...} block" if len(blocks) == 1 else "{kind: ...} blocks"
+        hint = (f" ({', '.join(blocks)}: {what}; `scoretk describe` lists the registered "
+                "components)")
+    more = f" (and {others} more error{'s' if others > 1 else ''})" if others else ""
+    return RecipeError(source, ", ".join(missing), f"Field required{hint}{more}")
 
 
 Override = tuple[tuple[str, ...], Any]

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from scoretk import assemble
+from scoretk.assemble import ComponentError
+from scoretk.data import DataError
 from scoretk.recipe import COMPONENT_SECTIONS, Recipe
 from scoretk.registry import Registry
 
@@ -37,6 +39,22 @@ def summarise(recipe: Recipe, registry: Registry) -> dict[str, Any]:
     for key, value in sampler_autos(recipe, sampler.settings(schedule)).items():
         out[f"sampler {key}"] = f"{value:.4g}" if isinstance(value, float) else value
     return out
+
+
+def resolve_if_possible(recipe: Recipe, registry: Registry) -> tuple[Recipe, list[str]]:
+    """The recipe with its data-driven (`auto`) values filled in where the data can be built,
+    and lines saying what was chosen, or what could not be and why."""
+    pending = assemble.needs_data(recipe)
+    if not pending:
+        return recipe, []
+    try:
+        resolved = assemble.resolve(recipe, assemble.build_data(recipe, registry))
+    except (DataError, ComponentError, ValueError) as exc:
+        return recipe, [f"not resolved: {', '.join(pending)} (the data are not at hand: "
+                        f"{str(exc).splitlines()[0]})"]
+    notes = [f"resolved {section}: {note}" for section in COMPONENT_SECTIONS
+             for note in getattr(resolved, section).params.notes]
+    return resolved, notes
 
 
 def sampler_autos(recipe: Recipe, settings: dict[str, Any]) -> dict[str, Any]:

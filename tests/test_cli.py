@@ -32,11 +32,23 @@ def test_recipe_show_reports_the_reference_figures():
     assert resolved["net"] == {"kind": "ncsnv2", "ngf": 128}
 
 
-def test_recipe_show_with_auto_schedule_points_to_plan():
+def test_recipe_show_resolves_auto_values_when_the_data_are_at_hand():
     result = CliRunner().invoke(main, ["recipe", "show", "recipes/quickstart_digits.yaml"])
     assert result.exit_code == 0, result.output
-    assert "schedule.sigma_max, schedule.num_levels" in result.output
-    assert "scoretk plan" in result.output
+    resolved = yaml.safe_load(result.output.split("---")[0])
+    assert abs(resolved["schedule"]["sigma_max"] - 4.8) < 0.01  # technique 1 on the digits
+    assert isinstance(resolved["schedule"]["num_levels"], int)
+    assert "# resolved schedule: sigma_max = 4.8" in result.output
+    assert "# parameters: " in result.output and "# noise levels: " in result.output
+
+
+def test_recipe_show_with_auto_values_and_no_data_says_what_it_could_not_resolve(tmp_path):
+    result = CliRunner().invoke(main, ["recipe", "show", "recipes/ncsnv2_cifar10.yaml",
+                                       "-o", f"data.root={tmp_path / 'none'}",
+                                       "-o", "schedule.sigma_max=auto"])
+    assert result.exit_code == 0, result.output
+    assert "not resolved: schedule.sigma_max (the data are not at hand" in result.output
+    assert "schedule.sigma_max" in result.output and "scoretk plan" in result.output
 
 
 def test_plan_resolves_and_writes(tmp_path):

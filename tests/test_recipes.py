@@ -54,6 +54,10 @@ BAD = [  # (id, file text or None for a missing file, extra CLI args, text the m
     ("unknown-sampler", mutate(_set(["sampler", "kind"], "langevin")), [], "sampler.kind"),
     ("missing-section", mutate(_drop(["net"])), [], "net: Field required"),
     ("missing-train", mutate(_drop(["train"])), [], "train: Field required"),
+    ("missing-several", mutate(lambda r: [r.pop(s) for s in ("net", "sampler", "train")]), [],
+     "net, sampler, train: Field required (net, sampler: {kind: ...} blocks"),
+    ("only-a-name", "name: x\n", [], "data, schedule, net, loss, sampler, averager, train: "
+     "Field required"),
     ("missing-kind", mutate(_drop(["net", "kind"])), [], "net.kind: Field required"),
     ("section-not-mapping", mutate(_set(["net"], "mlp")), [], "net: expected a mapping"),
     ("negative-batch", mutate(_set(["train", "batch_size"], -4)), [], "train.batch_size"),

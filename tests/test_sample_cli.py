@@ -387,16 +387,19 @@ def test_resume_of_a_foreign_file_is_refused(ckpts, tmp_path):
 def test_inspect_and_grids(ckpts, tmp_path):
     out, png = tmp_path / "i.h5", tmp_path / "g.png"
     result = sample(ckpts["img"], out, "-n", "10", "--grid", png)
-    assert Image.open(png).size == (42, 32)  # 4 x 3 grid of 8 px images, 2 px padding
+    # two 4 x 3 mosaics (samples, digits) of 8 px images with 2 px padding, enlarged 4x,
+    # 16 px apart and around, under an 18 px label row
+    assert Image.open(png).size == (2 * 4 * 42 + 3 * 16, 18 + 4 * 32 + 16)
     result = cli("inspect", out, "--grid", tmp_path / "h.png", "-k", "4")
     assert result.exit_code == 0, result.output + result.stderr
     assert "samples: shape (10, 8, 8, 1) uint8" in result.output
     assert "num_written: 10 of 10" in result.output and "complete: yes" in result.output
-    assert Image.open(tmp_path / "h.png").size == (22, 22)
+    assert Image.open(tmp_path / "h.png").size == (2 * 4 * 22 + 3 * 16, 18 + 4 * 22 + 16)
     toy = tmp_path / "t.h5"
-    sample(ckpts["toy"], toy, "-n", "8")
+    sample(ckpts["toy"], toy, "-n", "8", "--grid", tmp_path / "s.png")
+    assert Image.open(tmp_path / "s.png").size == (600, 600)
     assert cli("inspect", toy, "--grid", tmp_path / "t.png").exit_code == 0
-    assert Image.open(tmp_path / "t.png").size == (512, 512)
+    assert Image.open(tmp_path / "t.png").size == (600, 600)
     assert_one_line_error(cli("inspect", tmp_path / "none.h5"), "not found")
 
 

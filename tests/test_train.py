@@ -237,6 +237,7 @@ def test_torchrun_two_cpu_processes(tmp_path, toy_recipe):
     net = assemble.build_model(recipe, reg, tuple(state["shape"])).net
     net.load_state_dict(state["model"])
     assert out.stderr.count("scoretk train:") == 1  # only rank 0 talks
+    assert "device cpu on each of 2 processes (this is rank 0)" in out.stderr
 
 
 def test_torchrun_with_the_batch_split_matches_the_unsplit_run(tmp_path, toy_recipe):

@@ -18,8 +18,8 @@ from scoretk.registry import Params
 
 
 class ConvNetParams(Params):
-    channels: int = Field(64, gt=0)
-    blocks: int = Field(4, gt=0)
+    channels: int = Field(64, gt=0, description="feature channels of every residual block")
+    blocks: int = Field(4, gt=0, description="residual blocks, dilation alternating 1 and 2")
     sigma_input: bool = Field(True, description="feed log(sigma) as an extra input channel")
     film: bool = Field(False, description="per-block feature shift from an embedding of log sigma")
 

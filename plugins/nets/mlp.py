@@ -11,7 +11,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import PositiveInt
+from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from scoretk.components import ScoreNet
@@ -24,13 +24,12 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 
 
 class MLPParams(Params):
-    hidden: PositiveInt = 128
-    depth: PositiveInt = 3
-    """Number of hidden layers."""
-    activation: Literal['silu', 'elu', 'relu', 'gelu', 'softplus', 'tanh'] = 'silu'
-    sigma_input: bool = True
-    """Feed log(sigma) to the net as an extra input; with False the output is exactly
-    s'(x)/sigma (NCSNv2's unconditional form)."""
+    hidden: PositiveInt = Field(128, description="width of every hidden layer")
+    depth: PositiveInt = Field(3, description="number of hidden layers")
+    activation: Literal['silu', 'elu', 'relu', 'gelu', 'softplus', 'tanh'] = Field(
+        'silu', description="nonlinearity after every hidden layer")
+    sigma_input: bool = Field(True, description="feed log(sigma) as an extra input; false: the "
+                              "output is exactly s'(x)/sigma (NCSNv2's unconditional form)")
 
 
 class ScoreMLP(ScoreNet):

@@ -11,7 +11,7 @@ from functools import partial
 from typing import Literal, NamedTuple
 
 import torch
-from pydantic import PositiveInt
+from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from scoretk.components import ScoreNet
@@ -118,9 +118,8 @@ class RefineNet(ScoreNet):
 
 
 class NCSNParams(Params):
-    """Base width; the reference uses 128 (64 for 28 px, 1-channel data)."""
-
-    ngf: PositiveInt = 128
+    ngf: PositiveInt = Field(128, description="base width (channels of the first stage); the "
+                             "reference uses 128, 64 for 28 px one-channel data")
 
 
 def _check_image(name: str, shape: tuple[int, ...], stages: tuple[Stage, ...]) -> int:

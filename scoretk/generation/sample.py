@@ -26,7 +26,7 @@ from scoretk.generation.preflight import check_resources
 from scoretk.generation.request import SampleRequest
 from scoretk.registry import Registry
 from scoretk.rng import PerSampleNoise, derive_seed
-from scoretk.store import SampleStore, write_grid_from_file
+from scoretk.store import SampleStore
 
 
 def run_sampling(request: SampleRequest, registry: Registry,
@@ -43,7 +43,7 @@ def run_sampling(request: SampleRequest, registry: Registry,
         if existing.complete:
             if dist.is_main:
                 print(f"{out}: already complete ({existing.num_written} samples)")
-                _write_grid(out, request.grid, existing.is_image)
+                _write_grid(out, request.grid, registry)
             return out
     check_resources(job, out, existing.num_written if existing else 0)
     store = _open_store(out, job, existing, dist)
@@ -58,7 +58,7 @@ def run_sampling(request: SampleRequest, registry: Registry,
                       f"samples; `scoretk sample --out {out} --resume` continues it") from None
     if dist.is_main:
         _report(job, out, start, time.perf_counter() - t0)
-        _write_grid(out, request.grid, store.is_image)
+        _write_grid(out, request.grid, registry)
     return out
 
 
@@ -119,9 +119,13 @@ def _sample_batch(job: SampleJob, indices: range, data: Any, bar: "_Progress") -
     return x.float().cpu()
 
 
-def _write_grid(out: Path, grid: Path | None, is_image: bool) -> None:
+def _write_grid(out: Path, grid: Path | None, registry: Registry) -> None:
+    """The --grid picture: images beside real ones, or 2-D points over the data."""
     if grid:
-        write_grid_from_file(out, grid, 64 if is_image else 5000)
+        from scoretk.pictures import sample_picture
+
+        for note in sample_picture(out, grid, None, registry):
+            print(note, file=sys.stderr)
         print(f"grid: {grid}")
 
 

@@ -90,7 +90,10 @@ def _open_session(recipe: Recipe, run: TrainingRun, trainer, policy: ExecutionPo
 def _print_header(s: Session, data: Dataset, order: StepBatches, step: int,
                   changes: list[str]) -> None:
     chunks = s.policy.split_chunks(s.trainer.net, order.local, math.prod(data.shape))
-    print(f"scoretk train: {s.recipe.name} | run {s.run.path} | device {s.policy.device} | "
+    dist = s.policy.dist
+    where = f"device {s.policy.device}" + (f" on each of {dist.world} processes (this is rank "
+                                           f"{dist.rank})" if dist.world > 1 else "")
+    print(f"scoretk train: {s.recipe.name} | run {s.run.path} | {where} | "
           f"{assemble.count_parameters(s.trainer.net):,} parameters | "
           f"{s.trainer.model.schedule.num_levels} levels | {len(data)} items "
           f"{tuple(data.shape)}"

@@ -28,8 +28,6 @@ from scoretk.files import atomic_write, atomic_write_text, deferred_signals, sta
 
 CHECKPOINT_FORMAT = "scoretk-checkpoint-1"
 RUNS_ROOT = Path("runs")
-
-
 CHECKPOINT_NAME = re.compile(r"ckpt-(\d+)\.pt")
 """The numbered checkpoints: the only files pruning deletes and `latest` may name."""
 MANIFEST = ".scoretk-files"
@@ -187,20 +185,21 @@ class RunDir:
         self.owned.extend(entries)
 
     def owns(self, path: Path) -> bool:
+        """Whether the manifest lists `path` (a file, a folder, or a glob matching it)."""
         rel = self._rel(path)
         return any(rel == e.rstrip("/") or fnmatch.fnmatchcase(rel, e) for e in self.owned)
 
-    def claim(self, path: Path, *more: Path, pattern: str | None = None) -> Path:
+    def claim(self, path: Path, *more: Path) -> Path:
         """`path` (and `more`, inside the run) as scoretk's to write: recorded in the manifest
-        unless there already (`pattern`: record this glob instead, for names a library picks).
-        Refused, with nothing recorded, when one exists that scoretk did not write."""
+        unless there already. Refused, with nothing recorded, when one exists that scoretk did
+        not write."""
         new = [p for p in (path, *more) if not self.owns(p)]
         for p in new:
             if p.exists() or p.is_symlink():
                 raise RunDirError(f"{p}: scoretk did not write this file and will not replace "
                                   f"it (it is not listed in {self.manifest}); move it away, "
                                   "or train into another --run-dir")
-        self._record(*([pattern] if pattern and new else [self._rel(p) for p in new]))
+        self._record(*[self._rel(p) for p in new])
         return path
 
     def forget_missing(self) -> None:
@@ -254,15 +253,12 @@ class RunDir:
         self.manifest.unlink(missing_ok=True)
         self._owned = None
 
-    def remove_stale_temps(self) -> list[Path]:
+    def remove_stale_temps(self) -> None:
         """Temporary files a crash left beside files scoretk writes here (see files.py)."""
-        removed = []
         for folder in {(self.path / e).parent for e in self.owned}:
             names = {Path(e).name for e in self.owned if (self.path / e).parent == folder}
             for tmp in stale_temps(folder, names):
                 tmp.unlink(missing_ok=True)
-                removed.append(tmp)
-        return removed
 
     # --- checkpoints ------------------------------------------------------------------------
 
@@ -345,7 +341,6 @@ def checkpoint_step(path: str | Path) -> int:
     """The step in a checkpoint's name (ckpt-<step>.pt), or -1 for another name."""
     match = CHECKPOINT_NAME.fullmatch(Path(path).name)
     return int(match.group(1)) if match else -1
-
 
 
 def most_recent_run(root: str | Path = RUNS_ROOT) -> RunDir | None:

@@ -9,6 +9,7 @@ the target (an atomic step on POSIX file systems), and the directory entry is fl
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import io
 import os
@@ -165,11 +166,13 @@ class FileLock:
         key = (st.st_dev, st.st_ino)
         try:
             if key in self._held:
-                raise BlockingIOError
+                raise BlockingIOError(errno.EAGAIN, "locked by this process")
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise  # e.g. a file system without locks
             raise LockedError(f"{self.what} is in use by {holder} (lock {self.path}); wait "
                               "for it to finish or stop it") from None
         os.ftruncate(fd, 0)

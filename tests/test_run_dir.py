@@ -19,6 +19,7 @@ import yaml
 
 from scoretk import files as files_mod
 from scoretk import hookimpl
+from scoretk.assemble import ComponentError
 from scoretk.checkpoint import CheckpointError, RunDir, RunDirError, load_checkpoint
 from scoretk.files import LockedError
 from scoretk.plugins import default_registry, load_plugins
@@ -316,4 +317,12 @@ def test_nothing_to_train_is_one_line_from_the_command_line(plugin_site, toy_rec
     assert [line for line in out.stderr.splitlines() if line.startswith("error")] == \
         ["error: recipe 'toy': net: 'frozen' has no trainable parameters: there is nothing "
          "to train"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_beyond_memory_is_refused_before_anything_is_written(tmp_path, toy_recipe):
+    toy_recipe["data"]["n"] = 10**13
+    with pytest.raises(ComponentError, match=r"data \('toy2d' from plugin 'datasets'\): "
+                                             r"n=10,000,000,000,000 points need about"):
+        _train(toy_recipe, tmp_path / "run")
     assert not (tmp_path / "run").exists()

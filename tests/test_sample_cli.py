@@ -179,22 +179,28 @@ def test_torchrun_two_processes_write_the_single_process_file(ckpts, tmp_path):
     assert attrs(out)["world_size"] == 2 and attrs(out)["num_written"] == 44
 
 
-def test_sigkill_leaves_a_valid_file_that_resumes_exactly(ckpts, tmp_path):
-    ref, out = tmp_path / "ref.h5", tmp_path / "killed.h5"
-    args = ["-n", "3000", "--batch-size", "50", "-o", "sampler.steps_per_level=10"]
+def sampling_with_rows(ckpt: Path, out: Path, args: list[str]) -> subprocess.Popen:
+    """`scoretk sample` in a subprocess, once its file holds some rows (or it ended)."""
     proc = subprocess.Popen([sys.executable, "-m", "scoretk", "sample", "--checkpoint",
-                             str(ckpts["toy"]), "--out", str(out), "--device", "cpu", *args],
+                             str(ckpt), "--out", str(out), "--device", "cpu", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=ONE_THREAD)
     written, deadline = 0, time.monotonic() + 120
+    while written == 0 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+        try:
+            with h5py.File(out, "r") as f:
+                written = int(f.attrs["num_written"])
+        except (OSError, KeyError):
+            pass  # not created yet, or the writer holds it this instant
+    return proc
+
+
+def test_sigkill_leaves_a_valid_file_that_resumes_exactly(ckpts, tmp_path):
+    ref, out = tmp_path / "ref.h5", tmp_path / "killed.h5"
+    args = ["-n", "3000", "--batch-size", "50", "-o", "sampler.steps_per_level=10"]
+    proc = sampling_with_rows(ckpts["toy"], out, args)
     try:
-        while written == 0 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.01)
-            try:
-                with h5py.File(out, "r") as f:
-                    written = int(f.attrs["num_written"])
-            except (OSError, KeyError):
-                pass  # not created yet, or the writer holds it this instant
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
@@ -417,18 +423,7 @@ def test_inspect_grid_must_be_a_png(ckpts, tmp_path):
 def test_a_signal_while_sampling_leaves_a_file_that_resumes(ckpts, tmp_path, signum, status):
     ref, out = tmp_path / "ref.h5", tmp_path / "stopped.h5"
     args = ["-n", "3000", "--batch-size", "50", "-o", "sampler.steps_per_level=10"]
-    proc = subprocess.Popen([sys.executable, "-m", "scoretk", "sample", "--checkpoint",
-                             str(ckpts["toy"]), "--out", str(out), "--device", "cpu", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ONE_THREAD)
-    written, deadline = 0, time.monotonic() + 120
-    while written == 0 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-        try:
-            with h5py.File(out, "r") as f:
-                written = int(f.attrs["num_written"])
-        except (OSError, KeyError):
-            pass  # not created yet, or the writer holds it this instant
+    proc = sampling_with_rows(ckpts["toy"], out, args)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == status, err

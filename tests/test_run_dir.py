@@ -26,6 +26,7 @@ from scoretk.plugins import default_registry, load_plugins
 from scoretk.recipe import Recipe, RecipeError
 from scoretk.registry import Params
 from scoretk.training import train
+from scoretk.training.run import TrainingRun
 
 from conftest import run_cli
 
@@ -129,8 +130,13 @@ def _frozen_net_plugin() -> types.ModuleType:
     return mod
 
 
-def test_failed_runs_leave_no_directory_behind(tmp_path, toy_recipe):
+def test_failed_runs_leave_no_directory_behind(tmp_path, toy_recipe, monkeypatch):
     target = tmp_path / "runs" / "new"
+    with monkeypatch.context() as m:  # a failure once the directory exists, before any write
+        m.setattr(TrainingRun, "begin", lambda *a: (_ for _ in ()).throw(OSError("no")))
+        with pytest.raises(OSError):
+            _train(_small(toy_recipe), target)
+    assert not (tmp_path / "runs").exists()
     with pytest.raises(RecipeError, match="larger than the dataset"):
         _train(_small(toy_recipe, batch_size=500), target)
     registry = load_plugins(extra=[_frozen_net_plugin()]).registry

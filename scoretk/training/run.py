@@ -122,7 +122,8 @@ class TrainingRun:
         if not d.path.is_dir() or any(p.is_file() and p not in (d.manifest, d.lock_file)
                                       for p in d.path.rglob("*")):
             return
-        d.manifest.unlink(missing_ok=True)
+        for p in (d.manifest, d.lock_file):  # the lock is still held: nobody else is in here
+            p.unlink(missing_ok=True)
         folders = sorted(d.path.rglob("*"), key=lambda p: len(p.parts), reverse=True)
         for folder in folders + made[::-1]:
             with contextlib.suppress(OSError):

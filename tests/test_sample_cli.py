@@ -363,7 +363,7 @@ def test_bad_checkpoints_are_one_line_errors_and_leave_the_output_alone(ckpts, t
     (["-o", "sampler.steps_per_level=0"], "sampler.steps_per_level"),
     (["-o", "sampler.nonsense=1"], "sampler.nonsense"),
     (["--grid", "nodir/g.png"], "does not exist"),
-    (["--grid", "g.txt"], "--grid g.txt: grids are written as PNG"),
+    (["--grid", "g.txt"], "--grid g.txt: pictures are written as PNG"),
 ])
 def test_bad_arguments_are_one_line_errors(ckpts, tmp_path, args, needle):
     out = tmp_path / "keep.h5"
@@ -413,7 +413,7 @@ def test_inspect_grid_must_be_a_png(ckpts, tmp_path):
     out = tmp_path / "i.h5"
     sample(ckpts["toy"], out, "-n", "8")
     assert_one_line_error(cli("inspect", out, "--grid", tmp_path / "g.txt"),
-                          "grids are written as PNG")
+                          "pictures are written as PNG")
     assert not (tmp_path / "g.txt").exists()
 
 

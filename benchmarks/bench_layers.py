@@ -52,11 +52,10 @@ CHANGES = {
         [(layers.MSF, "forward", _plain_msf)]),
     "CRP pooling paths": (
         "separable max (no grad; CUDA channels_last: also with grad); CPU: NCHW detour",
-        [(layers, "_pool", lambda pool, x: pool(x))]),
+        [(layers, "pool5x5", ops.pool5x5_plain)]),
     "upsampling via channels_last": (
         "CUDA, NCHW only: bilinear upsampling in its channels_last kernel",
-        [(layers, "_upsample", lambda x, size: F.interpolate(x, size=size, mode="bilinear",
-                                                             align_corners=True))]),
+        [(layers, "upsample_bilinear", ops.upsample_bilinear_plain)]),
     "dilated weight gradient by taps": (
         "CPU channels_last: 9 matrix products instead of oneDNN's im2col + GEMM",
         [(layers.DilatedConv3x3, "forward",

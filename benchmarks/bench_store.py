@@ -1,12 +1,14 @@
 """HDF5 sample writing (scoretk.store.SampleStore): MB/s and peak memory for N small images.
 
 Each N runs in a fresh subprocess that appends batches of random images the way
-`scoretk sample` does (float batch -> uint8 NHWC, open-append-close per batch) and reports its
-own peak RSS (VmHWM) and the RSS right before the first write, so the growth with N shows
-whether writing holds memory flat.
+`scoretk sample` does (float batch -> uint8 NHWC, one journaled commit per batch, with its
+fsyncs, into a file the process holds the run lock on) and reports its own peak RSS (VmHWM)
+and the RSS right before the first write, so the growth with N shows whether writing holds
+memory flat. `ms/append` is the whole cost of one batch's write, durability included.
 
     python benchmarks/bench_store.py                     # N = 1k, 10k, 100k; 3x16x16 images
     python benchmarks/bench_store.py --counts 1000,10000 --size 32
+    python benchmarks/bench_store.py --no-fsync          # what the commits cost without fsync
 """
 from __future__ import annotations
 
@@ -33,10 +35,19 @@ def _rss_kib(field: str) -> int:
     return -1
 
 
-def child(n: int, size: int, channels: int, batch: int, path: str, seed: int) -> dict:
+def child(n: int, size: int, channels: int, batch: int, path: str, seed: int,
+          fsync: bool = True) -> dict:
     import torch
 
+    from scoretk import journal
     from scoretk.store import SampleStore
+
+    if not fsync:  # what durability costs: the same commits, without waiting for the disk
+        class NoSync(journal.Disk):
+            def sync(self, fd: int) -> None:
+                pass
+
+        journal.DISK = NoSync()
 
     g = torch.Generator().manual_seed(seed)
     item = (channels, size, size)
@@ -66,12 +77,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=1, help="runs per N (median shown)")
     p.add_argument("--dir", default=None, help="where to write the files (default: a temp dir)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-fsync", action="store_true",
+                   help="commit without fsync (safe against a killed process, not power loss)")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child is not None:
         print(json.dumps(child(args.child, args.size, args.channels, args.batch, args.out,
-                               args.seed)))
+                               args.seed, fsync=not args.no_fsync)))
         return []
 
     import h5py
@@ -80,6 +93,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     common.header("HDF5 sample writing (scoretk.store)", torch.device("cpu"),
                   image=f"{args.channels}x{args.size}x{args.size} uint8",
                   batch=args.batch, repeats=args.repeats, hdf5=h5py.version.hdf5_version,
+                  fsync="off" if args.no_fsync else "on",
                   data="uniform random pixels (incompressible: the worst case for gzip)")
     counts = [int(float(c)) for c in args.counts.split(",") if c.strip()]
     results = []
@@ -91,6 +105,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 cmd = [sys.executable, __file__, "--child", str(n), "--out", path,
                        "--size", str(args.size), "--channels", str(args.channels),
                        "--batch", str(args.batch), "--seed", str(args.seed)]
+                cmd += ["--no-fsync"] if args.no_fsync else []
                 out = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if out.returncode != 0:
                     sys.exit(f"bench_store: child for N={n} failed:\n{out.stderr[-2000:]}")
@@ -101,12 +116,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for d in results:
         growth = (d["peak_rss_kib"] - d["rss_before_kib"]) / 1024
+        appends = -(-d["n"] // args.batch)
         rows.append([f"{d['n']:,}", f"{d['raw_mb']:.1f}", f"{d['file_mb']:.1f}",
                      f"{d['seconds']:.2f}", f"{d['raw_mb'] / d['seconds']:.1f}",
-                     f"{d['n'] / d['seconds']:,.0f}", f"{d['peak_rss_kib'] / 1024:.0f}",
-                     f"{growth:+.1f}", "yes" if d["complete"] else "NO"])
+                     f"{d['n'] / d['seconds']:,.0f}", f"{1000 * d['seconds'] / appends:.1f}",
+                     f"{d['peak_rss_kib'] / 1024:.0f}", f"{growth:+.1f}",
+                     "yes" if d["complete"] else "NO"])
     print(common.table(["N", "raw MB", "file MB", "seconds", "MB/s (raw)", "images/s",
-                        "peak RSS MiB", "RSS growth while writing MiB", "complete"], rows))
+                        "ms/append", "peak RSS MiB", "RSS growth while writing MiB",
+                        "complete"], rows))
     print("note: peak RSS includes the interpreter, torch and h5py (the 'before' level); "
           "memory flat in N means the growth column does not grow with N")
     return results

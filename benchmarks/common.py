@@ -251,11 +251,12 @@ class Reference:
             from losses.dsm import anneal_dsm_score_estimation
             from models import anneal_Langevin_dynamics
             from models.ema import EMAHelper
-            from models.ncsnv2 import NCSNv2
+            from models.ncsnv2 import NCSNv2, NCSNv2Deeper, NCSNv2Deepest
         finally:
             sys.path.remove(path)
         self.path = path
         self.NCSNv2, self.EMAHelper = NCSNv2, EMAHelper
+        self.NCSNv2Deeper, self.NCSNv2Deepest = NCSNv2Deeper, NCSNv2Deepest
         self.dsm, self.langevin = anneal_dsm_score_estimation, anneal_Langevin_dynamics
 
     def config(self, ngf: int, size: int, channels: int, sigma_max: float, sigma_min: float,

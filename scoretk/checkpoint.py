@@ -24,7 +24,8 @@ from typing import Any, BinaryIO, Iterator
 
 import torch
 
-from scoretk.files import atomic_write, atomic_write_text, deferred_signals, stale_temps
+from scoretk.files import (atomic_write, atomic_write_text, deferred_signals,
+                           remove_stale_temps)
 
 CHECKPOINT_FORMAT = "scoretk-checkpoint-1"
 RUNS_ROOT = Path("runs")
@@ -83,6 +84,21 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load with weights_only=True; every failure becomes one CheckpointError line."""
     path = Path(path)
+    state = load_weights_only(path, map_location)
+    if isinstance(state, (list, tuple)):
+        raise CheckpointError(f"{path}: not a scoretk checkpoint but a list, as the released "
+                              "NCSN/NCSNv2 code saves them: convert it with `scoretk import "
+                              f"{path} --recipe RECIPE --run-dir DIR`")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a scoretk checkpoint (no '{CHECKPOINT_FORMAT}' "
+                              "format marker)")
+    return state
+
+
+def load_weights_only(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load(weights_only=True) of any torch file (scoretk's, or the released NCSN
+    code's lists); a missing, unreadable or unsafe file becomes one CheckpointError line."""
+    path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
     if path.is_dir():
@@ -100,9 +116,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as exc:  # noqa: BLE001 - torch raises many types on garbage input
         raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated: "
                               f"{type(exc).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a scoretk checkpoint (no '{CHECKPOINT_FORMAT}' "
-                              "format marker)")
     return state
 
 
@@ -254,11 +267,10 @@ class RunDir:
         self._owned = None
 
     def remove_stale_temps(self) -> None:
-        """Temporary files a crash left beside files scoretk writes here (see files.py)."""
-        for folder in {(self.path / e).parent for e in self.owned}:
-            names = {Path(e).name for e in self.owned if (self.path / e).parent == folder}
-            for tmp in stale_temps(folder, names):
-                tmp.unlink(missing_ok=True)
+        """Temporary files a crash left beside the files scoretk writes here; with the run's
+        lock held, none can be a live writer's."""
+        for entry in self.owned:
+            remove_stale_temps(self.path / entry, older_than=0)
 
     # --- checkpoints ------------------------------------------------------------------------
 

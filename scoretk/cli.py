@@ -199,6 +199,45 @@ def _sample_picture(file: str | Path, png: str | Path, count: int | None) -> Non
     click.echo(f"grid: {png}")
 
 
+@main.command("import")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--recipe", "recipe_path", required=True, type=click.Path(dir_okay=False),
+              help="The recipe the checkpoint was trained with (recipes/ncsnv2_cifar10.yaml, ...).")
+@override_option
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False),
+              help="The new run directory to create.")
+@friendly_errors
+def import_checkpoint(checkpoint: str, recipe_path: str, overrides: tuple[str, ...],
+                      run_dir: str) -> None:
+    """Convert a checkpoint of the released NCSN/NCSNv2 code into a scoretk run."""
+    from scoretk.interop.importer import import_released
+
+    done = import_released(checkpoint, _load(recipe_path, overrides), _registry(), run_dir)
+    click.echo(f"imported {checkpoint} ({done.net}, {done.layout}, step {done.step}, "
+               f"{done.parameters:,} parameters{', EMA weights' if done.ema else ''}) "
+               f"into {done.checkpoint}")
+    click.echo(f"sample: scoretk sample --run {run_dir} --out samples.h5; resume training: "
+               f"scoretk train {recipe_path} --run-dir {run_dir} (with the same -o options)")
+
+
+@main.command()
+@click.option("--run", "run_dir", type=click.Path(), help="Run directory (its latest checkpoint).")
+@click.option("--checkpoint", type=click.Path(), help="A checkpoint file.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="The .safetensors file to write.")
+@click.option("--raw-weights", is_flag=True, help="The raw, not the averaged, weights.")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@friendly_errors
+def export(run_dir: str | None, checkpoint: str | None, out: str, raw_weights: bool,
+           force: bool) -> None:
+    """Write a checkpoint's weights to a safetensors file (averaged weights by default)."""
+    from scoretk.interop.export import export_run
+
+    ckpt, step = export_run(_registry(), out, run_dir, checkpoint, raw_weights, force)
+    click.echo(f"wrote {out}: the {'raw' if raw_weights else 'averaged'} weights of {ckpt} "
+               f"(step {step}); sample with scoretk sample --checkpoint {out} --out samples.h5")
+
+
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--grid", type=click.Path(dir_okay=False),

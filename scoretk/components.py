@@ -75,8 +75,32 @@ class Loss(ABC):
         """Returns (loss, stats); stats holds tensors, e.g. per-level loss sums and counts."""
 
 
+class Condition(ABC):
+    """What is known about each sample: a linear constraint P x = P y, with P an orthogonal
+    projection (keeping the pixels under a mask, or each pixel's channel mean) and y the known
+    values. Samplers impose it on their state at every noise level (docs/theory.md#conditions).
+    """
+
+    target: Tensor
+    """P y: the known part, broadcastable to the batch (B, *shape)."""
+
+    @abstractmethod
+    def project(self, x: Tensor) -> Tensor:
+        """P x, the part of `x` the condition fixes (same shape as x)."""
+
+    def impose(self, x: Tensor, sigma: float, z: Tensor | None = None) -> Tensor:
+        """x with its known part replaced by the known values noised to `sigma`:
+        x - P x + P y + sigma P z (z standard normal, x's shape; None or sigma 0: no noise)."""
+        x = x - self.project(x) + self.target
+        return x if z is None or sigma == 0 else x + sigma * self.project(z)
+
+
 class Sampler(ABC):
     """Draws samples from a trained score net."""
+
+    last_evaluations: int | None = None
+    """Network evaluations per sample the last `sample` call made. Fixed-step samplers make
+    `evaluations_per_sample` exactly; adaptive solvers make up to that many."""
 
     @abstractmethod
     def evaluations_per_sample(self, schedule: Schedule) -> int:
@@ -85,8 +109,16 @@ class Sampler(ABC):
     @abstractmethod
     def sample(self, net: nn.Module, schedule: Schedule, shape: tuple[int, ...], noise: Noise,
                *, device: torch.device | str = "cpu", init: Tensor | None = None,
-               progress: ProgressFn | None = None) -> Tensor:
-        """Returns a (B, *shape) tensor; B is set by `noise`. `init` is data for data+noise starts."""
+               progress: ProgressFn | None = None,
+               condition: Condition | None = None) -> Tensor:
+        """Returns a (B, *shape) tensor; B is set by `noise`. `init` is data for data+noise
+        starts; `condition` fixes part of each sample (a sampler that cannot honour it raises
+        ValueError)."""
+
+    def check_net(self, net: nn.Module) -> None:
+        """Raise ValueError, in one line, if this sampler cannot use `net` (it evaluates sigmas
+        a level-conditioned net does not know). `sample` checks too; callers check first so
+        that nothing is written before the error."""
 
     def settings(self, schedule: Schedule) -> dict:
         """Resolved settings recorded as provenance next to the samples."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch import Tensor
 
 
@@ -49,20 +49,3 @@ def save_uint8_grid(images: np.ndarray, path: str | Path, nrow: int | None = Non
 def save_grid(x: Tensor, path: str | Path, nrow: int | None = None) -> None:
     """Write float images (B, C, H, W) in [0, 1] as one PNG mosaic (training and sampling)."""
     save_uint8_grid(to_uint8(x), path, nrow)
-
-
-def save_scatter(points: Tensor | np.ndarray, path: str | Path, size: int = 512) -> None:
-    """Write 2-D points as a PNG scatter plot (the 'grid' of a 2-D toy), no matplotlib needed."""
-    p = np.asarray(points.detach().cpu() if isinstance(points, Tensor) else points, np.float64)
-    if p.ndim != 2 or p.shape[1] != 2 or len(p) == 0:
-        raise ValueError(f"expected (N, 2) points, got shape {p.shape}")
-    p = p[np.isfinite(p).all(1)]
-    img = Image.new("RGB", (size, size), "white")
-    if len(p):
-        lo, hi = p.min(0), p.max(0)
-        centre, half = (lo + hi) / 2, max(float((hi - lo).max()) / 2, 1e-6) * 1.05
-        xy = (p - centre) / half * (size / 2 - 4) + size / 2
-        draw = ImageDraw.Draw(img)
-        for x, y in xy:
-            draw.ellipse((x - 1.5, size - y - 1.5, x + 1.5, size - y + 1.5), fill=(31, 119, 180))
-    img.save(path)

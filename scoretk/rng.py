@@ -8,6 +8,7 @@ exactly the random numbers the uninterrupted one would have used.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 from torch import Tensor
@@ -87,3 +88,44 @@ def set_global_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available() and \
             len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class InterpolationNoise:
+    """Noise for NCSNv2-style interpolation: samples come in groups of `per_group`; sample k
+    of group g draws cos(t_k) p + sin(t_k) q, t_k = k/(per_group - 1) * pi/2, from two normal
+    draws p, q shared by the group, and the uniform draws of p (so a uniform start is shared).
+
+    Every draw is still standard normal, so any sampler runs unchanged and its outputs move
+    smoothly from one sample to another along the group. Each row re-derives its group's
+    generators from (seed, g): batches may split a group anywhere.
+    """
+
+    def __init__(self, seed: int, indices: range | list[int], per_group: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        if per_group < 2:
+            raise ValueError(f"interpolation needs at least 2 samples per group, got {per_group}")
+        self.device, self.dtype = torch.device(device), dtype
+        gen_device = self.device if self.device.type == "cuda" else "cpu"
+        groups = [int(i) // per_group for i in indices]
+        angles = torch.tensor([(int(i) % per_group) / (per_group - 1) * math.pi / 2
+                               for i in indices], dtype=torch.float64)
+        self._cos, self._sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        self._p = [generator(derive_seed(seed, "interpolation", g, "p"), gen_device) for g in groups]
+        self._q = [generator(derive_seed(seed, "interpolation", g, "q"), gen_device) for g in groups]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._p)
+
+    def _rows(self, fn, gens, shape: tuple[int, ...]) -> Tensor:
+        return torch.stack([fn(shape, generator=g, device=g.device, dtype=self.dtype)
+                            for g in gens]).to(self.device)
+
+    def randn(self, shape: tuple[int, ...]) -> Tensor:
+        shape = tuple(shape)
+        p, q = self._rows(torch.randn, self._p, shape), self._rows(torch.randn, self._q, shape)
+        view = (-1,) + (1,) * len(shape)
+        return (self._cos.view(view).to(self.device) * p + self._sin.view(view).to(self.device) * q)
+
+    def rand(self, shape: tuple[int, ...]) -> Tensor:
+        return self._rows(torch.rand, self._p, tuple(shape))

@@ -5,71 +5,133 @@ chunked by whole samples, gzip-compressed, resizable along N; `samples_float` (N
 float32 is optional. Attributes carry the recipe, checkpoint path and sha256, sampler settings,
 seed, versions, `num_written` and `complete`.
 
-The file is opened, appended to and closed again for every batch, so between batches (where a
-sampling run spends nearly all its time) it is closed and consistent: a SIGKILL leaves a file
-that opens, and `num_written` says which rows are real. Ctrl-C / SIGTERM are held back during
-the few milliseconds of each write, so they never land mid-write.
+Each batch is one commit through `scoretk.journal`: HDF5 writes into memory, and the bytes go
+to disk behind a rollback journal, so no write (killed at any point, or failing for a full
+disk) can damage the rows before it; the next process to open the file puts back a commit that
+did not finish. Rows and `num_written` change together. Ctrl-C / SIGTERM are held back during
+the few milliseconds of a commit.
+
+The process that creates or resumes a file (`create`, `trim`) holds its run lock until
+`close`: a second run on the same file is refused, naming the holder's PID. Other processes of
+the same run (torchrun's ranks) append under that lock; readers wait for a commit to finish.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
-import time
+import os
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import h5py
 import numpy as np
 import torch
 from torch import Tensor
 
-from scoretk import __version__
-from scoretk.files import deferred_signals, replacing
-from scoretk.images import save_scatter, save_uint8_grid, to_uint8
+from scoretk import __version__, journal
+from scoretk.files import deferred_signals, remove_stale_temps, replacing
+from scoretk.images import to_uint8
+from scoretk.journal import FileBusy, JournaledFile, NotRegularFile, Overlay
 
 FORMAT = "scoretk-samples-1"
 SAMPLES, SAMPLES_FLOAT = "samples", "samples_float"
 CHUNK_BYTES = 1 << 17
 """Target chunk size: a few whole samples (one for big images). A chunk never splits a
 sample, so reading one image decodes one small chunk, and gzip still has enough to work on."""
-LOCK_WAIT = 60.0
-"""Seconds to wait for a file another process holds open (see `_open`)."""
+VERIFY_BYTES = 1 << 25
+"""`verify` decodes the rows this many (uncompressed) bytes at a time."""
 IDENTITY = ("recipe", "checkpoint_sha256", "sampler_settings", "seed", "num_samples",
             "raw_weights", "item_shape", "keep_float")
 """Attributes that decide the samples' values: a resume must agree on all of them."""
+REQUIRED = ("num_written", "num_samples", "complete", "item_shape")
+"""Attributes without which the rows cannot be interpreted or resumed."""
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+NOT_RESUMABLE = "it cannot be resumed: start over with `scoretk sample --force`"
+STALE_TEMP = 600.0
+"""Seconds after which a temporary file beside a store is a dead creator's (see `create`)."""
 
-__all__ = ["SampleStore", "StoreError", "describe", "to_uint8",
-           "write_grid_from_file"]
+__all__ = ["SampleStore", "StoreError", "describe", "reading", "to_uint8"]
 
 
 class StoreError(Exception):
     """A sample file that cannot be created, resumed or read; the message is one line."""
 
 
-def _open(path: Path, mode: str, wait: float = LOCK_WAIT) -> h5py.File:
-    """h5py.File with every failure turned into one StoreError line.
+# ---------------------------------------------------------------------------- file access
 
-    Another process may hold the file for a moment (a writer appending, `scoretk inspect`
-    reading): HDF5's lock makes the open fail, so retry for up to `wait` seconds.
-    """
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            return h5py.File(path, mode)
-        except FileNotFoundError:
-            raise StoreError(f"{path}: file not found") from None
-        except (OSError, ValueError) as exc:
-            text = str(exc)
-            if "lock" in text.lower():
-                if time.monotonic() < deadline:
-                    time.sleep(0.05)
-                    continue
-                raise StoreError(f"{path}: in use by another process (HDF5 file lock)") from None
-            if "signature" in text.lower():
-                raise StoreError(f"{path}: not an HDF5 file") from None
-            first = text.splitlines()[0][:160] if text else type(exc).__name__
-            raise StoreError(f"{path}: cannot open as HDF5 ({first})") from None
+def _first_line(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
 
+
+def _journaled(path: Path) -> JournaledFile:
+    """The file opened through the journal, every failure one StoreError line."""
+    try:
+        return JournaledFile(path)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: file not found") from None
+    except NotRegularFile as exc:
+        raise StoreError(str(exc)) from None
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot open ({_first_line(exc)})") from None
+
+
+@contextlib.contextmanager
+def _h5(fileobj: Overlay, mode: str, path: Path) -> Iterator[h5py.File]:
+    try:
+        f = h5py.File(fileobj, mode)
+    except (OSError, ValueError) as exc:
+        text = str(exc)
+        if "signature" in text.lower():
+            raise StoreError(f"{path}: not an HDF5 file") from None
+        raise StoreError(f"{path}: damaged or truncated HDF5 file ({_first_line(exc)})") from None
+    with f:
+        yield f
+
+
+@contextlib.contextmanager
+def reading(path: str | Path) -> Iterator[h5py.File]:
+    """Any HDF5 file, read-only, as its last complete commit left it (a sample file cut off
+    mid-write is read without the unfinished write)."""
+    path = Path(path)
+    with _journaled(path) as jf, jf.reading() as overlay, _h5(overlay, "r", path) as f:
+        yield f
+
+
+def _busy(path: Path, pid: int | None) -> str:
+    who = f"another process (PID {pid})" if pid else "another process"
+    return (f"{path}: in use by {who} writing samples to it; wait for it to finish or stop "
+            "it, then try again")
+
+
+def _claimed(jf: JournaledFile) -> JournaledFile:
+    """`jf` holding the file's run lock, or StoreError naming the holder."""
+    try:
+        jf.claim()
+    except FileBusy as exc:
+        jf.close()
+        raise StoreError(_busy(jf.path, exc.pid)) from None
+    except PermissionError:
+        jf.close()
+        raise StoreError(f"{jf.path}: no permission to write it") from None
+    return jf
+
+
+def _write_failure(path: Path, exc: OSError, kept: int | None) -> StoreError:
+    """One line for a failed write: `kept` rows are intact (None: the file was being created
+    and nothing at `path` changed)."""
+    full = exc.errno in DISK_FULL
+    what = f"{'disk full' if full else 'cannot write'} ({_first_line(exc)})"
+    if kept is None:
+        return StoreError(f"{path}: {what} while creating it; nothing was changed")
+    then = (f": free some space, then `scoretk sample --out {path} --resume`" if full else "")
+    return StoreError(f"{path}: {what}; its first {kept} samples are intact{then}")
+
+
+# ---------------------------------------------------------------------------- attributes
 
 def _plain(value: Any) -> Any:
     """An HDF5 attribute as a plain Python value (for comparison and printing)."""
@@ -106,18 +168,107 @@ def _chunks(row_shape: tuple[int, ...], dtype: Any) -> tuple[int, ...]:
     return (max(1, min(4096, CHUNK_BYTES // max(row_bytes, 1))), *row_shape)
 
 
+def _row_layout(item_shape: tuple[int, ...]) -> tuple[tuple[int, ...], Any]:
+    """(row shape, dtype) of `samples` for items of `item_shape` (C, H, W) or (D,)."""
+    if len(item_shape) == 3:
+        c, h, w = item_shape
+        return (h, w, c), np.uint8
+    return (int(np.prod(item_shape)),), np.float32
+
+
+def _check_layout(path: Path, f: h5py.File, attrs: dict[str, Any]) -> None:
+    """Refuse a file whose attributes or datasets are not what scoretk writes (one line)."""
+    missing = [k for k in REQUIRED if k not in attrs]
+    if missing:
+        raise StoreError(f"{path}: attribute {missing[0]!r} is missing: not a complete "
+                         "scoretk sample file")
+    try:
+        item = tuple(int(n) for n in attrs["item_shape"])
+        written = int(attrs["num_written"])
+    except (TypeError, ValueError):
+        raise StoreError(f"{path}: attributes item_shape/num_written are not numbers") from None
+    row, dtype = _row_layout(item)
+    wanted = {SAMPLES: (row, dtype)}
+    if attrs.get("keep_float"):
+        wanted[SAMPLES_FLOAT] = (item, np.float32)
+    for name, (shape, kind) in wanted.items():
+        ds = f.get(name)
+        if not (isinstance(ds, h5py.Dataset) and ds.dtype == kind and ds.shape[1:] == shape
+                and ds.maxshape[0] is None):
+            got = f"{ds.dtype} {ds.shape}" if isinstance(ds, h5py.Dataset) else "missing"
+            need = f"a resizable {np.dtype(kind)} (N, {', '.join(map(str, shape))})"
+            raise StoreError(f"{path}: dataset {name!r} is {got}, but item_shape {list(item)} "
+                             f"needs {need}: not a file scoretk wrote")
+        if not 0 <= written <= ds.shape[0]:
+            raise StoreError(f"{path}: damaged: num_written is {written} but {name!r} has "
+                             f"{ds.shape[0]} rows")
+
+
+def _new_file(item_shape: tuple[int, ...], attrs: dict[str, Any], keep_float: bool) -> bytes:
+    """The bytes of an empty store (built in memory, written to disk in one piece)."""
+    is_image = len(item_shape) == 3
+    row_shape, dtype = _row_layout(item_shape)
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
+        f.create_dataset(SAMPLES, shape=(0, *row_shape), maxshape=(None, *row_shape),
+                         dtype=dtype, chunks=_chunks(row_shape, dtype),
+                         compression="gzip", compression_opts=4, shuffle=not is_image)
+        if keep_float and is_image:
+            f.create_dataset(SAMPLES_FLOAT, shape=(0, *item_shape),
+                             maxshape=(None, *item_shape), dtype=np.float32,
+                             chunks=_chunks(item_shape, np.float32), compression="gzip",
+                             compression_opts=4, shuffle=True)
+        meta = {"format": FORMAT, **attrs, "item_shape": list(item_shape),
+                "layout": "NHWC uint8" if is_image else "ND float32",
+                "keep_float": bool(keep_float and is_image),
+                "scoretk_version": __version__, "torch_version": torch.__version__,
+                "h5py_version": h5py.__version__, "hdf5_version": h5py.version.hdf5_version,
+                "num_written": 0, "complete": False}
+        for key, value in meta.items():
+            if value is None:
+                continue
+            if isinstance(value, dict):
+                value = json.dumps(value, sort_keys=True)
+            f.attrs[key] = str(value) if isinstance(value, str) else value
+    return image.getvalue()
+
+
+def _publish(path: Path, data: bytes, *, exclusive: bool) -> None:
+    """Write a new file's bytes under a temporary name and rename (or link) it to `path`."""
+    try:
+        with replacing(path, exclusive=exclusive) as tmp:
+            fd = os.open(tmp, os.O_WRONLY)
+            try:
+                journal.DISK.write(fd, data, 0)
+            finally:
+                os.close(fd)
+    except FileExistsError:
+        raise StoreError(f"{path}: another process created it meanwhile; run again with "
+                         "--resume or --force") from None
+    except OSError as exc:
+        raise _write_failure(path, exc, None) from None
+
+
 class SampleStore:
-    """Append-only HDF5 sample file, closed between writes (see the module docstring)."""
+    """Append-only HDF5 sample file, committed batch by batch (see the module docstring)."""
 
     def __init__(self, path: str | Path):
         """Open an existing sample file (read its attributes); raises StoreError if not ours."""
         self.path = Path(path)
-        with _open(self.path, "r") as f:
-            if SAMPLES not in f or f.attrs.get("format") != FORMAT:
-                raise StoreError(f"{self.path}: not a scoretk sample file (no '{FORMAT}' "
-                                 f"format attribute or no '{SAMPLES}' dataset)")
-            self.attrs: dict[str, Any] = {k: _plain(v) for k, v in f.attrs.items()}
-            self.rows = int(f[SAMPLES].shape[0])
+        self._writer: JournaledFile | None = None
+        self._release: weakref.finalize | None = None
+        with _journaled(self.path) as jf:
+            self.key = jf.key
+            with jf.reading() as overlay, _h5(overlay, "r", self.path) as f:
+                self._load(f)
+
+    def _load(self, f: h5py.File) -> None:
+        if SAMPLES not in f or f.attrs.get("format") != FORMAT:
+            raise StoreError(f"{self.path}: not a scoretk sample file (no '{FORMAT}' "
+                             f"format attribute or no '{SAMPLES}' dataset)")
+        self.attrs: dict[str, Any] = {k: _plain(v) for k, v in f.attrs.items()}
+        _check_layout(self.path, f, self.attrs)
+        self.rows = int(f[SAMPLES].shape[0])
 
     @property
     def num_written(self) -> int:
@@ -139,43 +290,92 @@ class SampleStore:
     def is_image(self) -> bool:
         return len(self.item_shape) == 3
 
+    # ------------------------------------------------------------------------ holding the file
+
+    def __enter__(self) -> "SampleStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Give up the run lock taken by `create` or `trim` (also when the store is dropped)."""
+        if self._release is not None:
+            self._release()
+        self._writer = self._release = None
+
+    def _claim(self) -> None:
+        """Hold the file's run lock: StoreError if another process holds it, or if the path
+        now names another file than the one this store read."""
+        if self._writer is not None:
+            return
+        jf = _journaled(self.path)
+        if jf.key != self.key:
+            jf.close()
+            raise StoreError(f"{self.path}: replaced by another process since it was read; "
+                             "run again")
+        self._writer = _claimed(jf)
+        self._release = weakref.finalize(self, jf.close)
+
+    @contextlib.contextmanager
+    def _file(self) -> Iterator[JournaledFile]:
+        """The file for one operation: the held one, else opened for the operation."""
+        if self._writer is not None:
+            yield self._writer
+            return
+        with _journaled(self.path) as jf:
+            if jf.key != self.key:
+                raise StoreError(f"{self.path}: replaced by another file since it was opened")
+            yield jf
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[h5py.File]:
+        with self._file() as jf, jf.reading() as overlay, _h5(overlay, "r", self.path) as f:
+            yield f
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[h5py.File]:
+        """The file open for changes, committed when the block ends (signals wait meanwhile)."""
+        try:
+            with deferred_signals(), self._file() as jf, jf.writing() as overlay, \
+                    _h5(overlay, "r+", self.path) as f:
+                yield f
+        except OSError as exc:
+            raise _write_failure(self.path, exc, self._written_now()) from None
+
+    def _written_now(self) -> int:
+        """num_written as the file says after a failed write (another rank may have added
+        rows since this process last looked); this store's count if it cannot be read."""
+        with contextlib.suppress(StoreError, OSError):
+            return SampleStore(self.path).num_written
+        return self.num_written
+
+    # ------------------------------------------------------------------------ writing
+
     @classmethod
     def create(cls, path: str | Path, item_shape: tuple[int, ...], attrs: dict[str, Any],
                *, keep_float: bool = False) -> "SampleStore":
-        """Create an empty store atomically (temp file + rename), replacing any file at `path`.
+        """Create an empty store atomically, replacing any regular file at `path` that no
+        other process is writing; the store holds the run lock until `close`.
 
         `attrs` must hold `num_samples`; JSON-able dicts are stored as JSON strings.
         """
         path = Path(path)
-        item_shape = tuple(int(n) for n in item_shape)
-        is_image = len(item_shape) == 3
-        if is_image:
-            c, h, w = item_shape
-            row_shape, dtype = (h, w, c), np.uint8
-        else:
-            row_shape, dtype = (int(np.prod(item_shape)),), np.float32
-        with replacing(path) as tmp, h5py.File(tmp, "w") as f:
-            f.create_dataset(SAMPLES, shape=(0, *row_shape), maxshape=(None, *row_shape),
-                             dtype=dtype, chunks=_chunks(row_shape, dtype),
-                             compression="gzip", compression_opts=4, shuffle=not is_image)
-            if keep_float and is_image:
-                f.create_dataset(SAMPLES_FLOAT, shape=(0, *item_shape),
-                                 maxshape=(None, *item_shape), dtype=np.float32,
-                                 chunks=_chunks(item_shape, np.float32), compression="gzip",
-                                 compression_opts=4, shuffle=True)
-            meta = {"format": FORMAT, **attrs, "item_shape": list(item_shape),
-                    "layout": "NHWC uint8" if is_image else "ND float32",
-                    "keep_float": bool(keep_float and is_image),
-                    "scoretk_version": __version__, "torch_version": torch.__version__,
-                    "h5py_version": h5py.__version__, "hdf5_version": h5py.version.hdf5_version,
-                    "num_written": 0, "complete": False}
-            for key, value in meta.items():
-                if value is None:
-                    continue
-                if isinstance(value, dict):
-                    value = json.dumps(value, sort_keys=True)
-                f.attrs[key] = str(value) if isinstance(value, str) else value
-        return cls(path)
+        data = _new_file(tuple(int(n) for n in item_shape), attrs, keep_float)
+        old = _journaled(path) if os.path.lexists(path) else None
+        try:
+            if old is not None:
+                _claimed(old)
+            with contextlib.suppress(OSError):  # left by the file replaced, or one deleted
+                journal.DISK.remove(journal.journal_path(path))
+            remove_stale_temps(path, STALE_TEMP)
+            _publish(path, data, exclusive=old is None)
+        finally:
+            if old is not None:
+                old.close()
+        store = cls(path)
+        store._claim()
+        return store
 
     def check_matches(self, attrs: dict[str, Any], item_shape: tuple[int, ...],
                       keep_float: bool) -> None:
@@ -194,11 +394,21 @@ class SampleStore:
                              "or --force to start over")
 
     def trim(self) -> None:
-        """Drop rows beyond `num_written` (a write cut short before it was recorded)."""
+        """Take the file for this process's run (the run lock, as `create`), check that its
+        written rows can be read, and drop rows beyond `num_written` (left by older versions,
+        which could be cut off between writing rows and recording them)."""
+        self._claim()
+        remove_stale_temps(self.path, STALE_TEMP)
+        with self._reading() as f:
+            self._load(f)  # as it is now that no other run can write it
+        try:
+            self.verify()
+        except StoreError as exc:
+            raise StoreError(f"{exc}; {NOT_RESUMABLE}") from None
         if self.rows == self.num_written:
             return
-        with deferred_signals(), _open(self.path, "a") as f:
-            n = min(self.num_written, self.rows)
+        with self._writing() as f:
+            n = min(int(f.attrs["num_written"]), self.rows)
             for name in (SAMPLES, SAMPLES_FLOAT):
                 if name in f:
                     f[name].resize(n, axis=0)
@@ -210,7 +420,7 @@ class SampleStore:
         """Append a float batch (B, *item_shape) after the file's `num_written` rows (which must
         equal `start` if given); returns the new `num_written`.
 
-        Open, resize, write, record `num_written` (and `complete`), close: SIGINT/SIGTERM wait.
+        One commit: the rows, `num_written` and `complete` change together or not at all.
         The count is read from the file, so several processes can append in turn.
         """
         if tuple(x.shape[1:]) != self.item_shape:
@@ -219,7 +429,7 @@ class SampleStore:
         x = x.detach().float().cpu()
         rows = to_uint8(x) if self.is_image else x.reshape(len(x), -1).numpy()
         b = len(x)
-        with deferred_signals(), _open(self.path, "a") as f:
+        with self._writing() as f:
             n = int(f.attrs["num_written"])
             if start is not None and n != start:
                 raise StoreError(f"{self.path}: expected {start} rows written, the file says "
@@ -234,10 +444,33 @@ class SampleStore:
         self.attrs.update(num_written=n + b, complete=n + b >= self.num_samples)
         return n + b
 
+    # ------------------------------------------------------------------------ reading
+
     def read(self, count: int, name: str = SAMPLES) -> np.ndarray:
         """The first `count` written rows (never rows beyond `num_written`)."""
-        with _open(self.path, "r") as f:
-            return f[name][: min(count, self.num_written, f[name].shape[0])]
+        with self._reading() as f:
+            ds = f[name]
+            return _rows(self.path, ds, 0, min(count, self.num_written, ds.shape[0]))
+
+    def verify(self) -> None:
+        """StoreError if any of the first `num_written` rows cannot be decoded (a file damaged
+        outside scoretk: cut short by a copy, a bad disk)."""
+        with self._reading() as f:
+            for name in (SAMPLES, SAMPLES_FLOAT):
+                if name in f:
+                    ds = f[name]
+                    row_bytes = ds.dtype.itemsize * int(np.prod(ds.shape[1:]))
+                    step = max(1, VERIFY_BYTES // (row_bytes * ds.chunks[0])) * ds.chunks[0]
+                    for a in range(0, self.num_written, step):
+                        _rows(self.path, ds, a, min(a + step, self.num_written))
+
+
+def _rows(path: Path, ds: h5py.Dataset, a: int, b: int) -> np.ndarray:
+    try:
+        return ds[a:b]
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise StoreError(f"{path}: damaged: rows {a} to {b - 1} of {ds.name.lstrip('/')!r} "
+                         f"cannot be read ({_first_line(exc)})") from None
 
 
 def describe(path: str | Path) -> str:
@@ -245,15 +478,14 @@ def describe(path: str | Path) -> str:
     store = SampleStore(path)
     a = store.attrs
     lines = [f"file: {store.path}"]
-    with _open(store.path, "r") as f:
+    with store._reading() as f:
         for name in (SAMPLES, SAMPLES_FLOAT):
             if name in f:
                 ds = f[name]
                 lines.append(f"{name}: shape {ds.shape} {ds.dtype}, chunks {ds.chunks}, "
                              f"{ds.compression or 'uncompressed'}")
-    state = "yes" if store.complete else "no (resume with `scoretk sample --resume`)"
     lines += [f"num_written: {store.num_written} of {store.num_samples}",
-              f"complete: {state}"]
+              f"complete: {_state(store)}"]
     if store.rows > store.num_written:
         lines.append(f"note: {store.rows - store.num_written} row(s) beyond num_written are "
                      "an unfinished write and are ignored")
@@ -266,21 +498,11 @@ def describe(path: str | Path) -> str:
     return "\n".join(lines)
 
 
-def write_grid_from_file(path: str | Path, png: str | Path, k: int = 64) -> None:
-    """PNG of the first k samples: an image mosaic, or a scatter plot for 2-D points."""
-    if k <= 0:
-        raise StoreError(f"-k must be positive (got {k})")
-    png = Path(png)
-    if not png.parent.is_dir():
-        raise StoreError(f"{png}: directory {png.parent} does not exist")
-    store = SampleStore(path)
-    rows = store.read(k)
-    if len(rows) == 0:
-        raise StoreError(f"{store.path}: no samples written yet")
-    if store.is_image:
-        save_uint8_grid(rows, png)
-    elif rows.shape[1] == 2:
-        save_scatter(rows, png)
-    else:
-        raise StoreError(f"{store.path}: a grid needs images or 2-D points, the samples are "
-                         f"{rows.shape[1]}-D vectors")
+def _state(store: SampleStore) -> str:
+    """'yes', 'no (resume ...)', or why the file is damaged (and so cannot be resumed)."""
+    try:
+        store.verify()
+    except StoreError as exc:
+        reason = str(exc).removeprefix(f"{store.path}: ")
+        return f"{'yes' if store.complete else 'no'}, but the file is {reason}; {NOT_RESUMABLE}"
+    return "yes" if store.complete else "no (resume with `scoretk sample --resume`)"

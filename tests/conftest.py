@@ -93,3 +93,13 @@ def run_cli(*args: str, env: dict | None = None, cwd=None,
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "scoretk", *args], capture_output=True,
                           text=True, env=full_env, cwd=cwd, timeout=timeout)
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    """A CLI run (click's CliRunner) that failed with exit status 2 and exactly one
+    `error:` line, no traceback, containing each needle."""
+    assert result.exit_code == 2, result.output + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]

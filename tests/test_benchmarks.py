@@ -74,12 +74,12 @@ def test_bench_layers_switches_each_change_off_and_back_on(benchmarks, capsys):
     finally:
         sys.path.remove(str(BENCH))
     from scoretk_plugins.nets import layers
-    before = (layers.instance_norm_pp, layers.norm_act, layers._pool, layers.ELU.forward)
+    before = (layers.instance_norm_pp, layers.norm_act, layers.pool5x5, layers.ELU.forward)
     med = bench_layers.main([*TINY])
     text = capsys.readouterr().out
     assert ("all on", "fwd+bwd") in med and len(med) == 2 * (1 + len(bench_layers.CHANGES))
     assert "without InstanceNorm++ and ELU as one op" in text
-    assert (layers.instance_norm_pp, layers.norm_act, layers._pool, layers.ELU.forward) == before
+    assert (layers.instance_norm_pp, layers.norm_act, layers.pool5x5, layers.ELU.forward) == before
 
 
 def test_every_ablation_patch_is_reached(benchmarks):
@@ -132,3 +132,38 @@ def test_paired_ratio_is_the_median_of_per_round_ratios(benchmarks, capsys, monk
     assert out["paired"]["scoretk eager"] == pytest.approx(2.0)
     assert out["rate"]["scoretk eager"] / out["rate"][common.REFERENCE] == pytest.approx(3.0)
     assert "| paired vs reference |" in capsys.readouterr().out
+
+
+def test_compare_reference_runs_without_the_reference(capsys):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import compare_reference
+    finally:
+        sys.path.remove(str(BENCH))
+    assert compare_reference.main([]) == []
+    assert "reference: not available" in capsys.readouterr().out
+
+
+def test_bench_samplers_meets_each_budget_its_own_way(tmp_path, capsys):
+    """One row per sampler and budget, with the evaluations each really made; part (b) on a
+    tiny trained run (one training step: only the plumbing is checked)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_samplers
+    finally:
+        sys.path.remove(str(BENCH))
+    from conftest import TOY_RECIPE
+    from scoretk.plugins import default_registry
+    from scoretk.recipe import Recipe
+    from scoretk.training import train
+
+    recipe = {**TOY_RECIPE, "train": {**TOY_RECIPE["train"], "iterations": 1,
+                                      "checkpoint_every": 1}}
+    train(Recipe.from_dict(recipe, default_registry()), default_registry(), tmp_path)
+    out = bench_samplers.main(["--budgets", "10", "--n", "200", "--run", str(tmp_path),
+                               "--run-n", "50",
+                               "--samplers", "annealed_langevin,consistent_annealed,pc,heun"])
+    nfe = {row[0]: int(row[2]) for row in out["mixture"][1:]}
+    assert nfe == {"annealed_langevin": 11, "consistent_annealed": 10, "pc": 10, "heun": 9}
+    assert [row[0] for row in out["run"]] == ["held-out real", *nfe]
+    assert "| heun" in capsys.readouterr().out

@@ -97,14 +97,13 @@ def test_nets_on_cuda_agree_with_the_cpu(kind, layout):
 def test_channels_last_pooling_gradients_on_cuda(kind):
     """CRP's 5x5 pooling of a channels_last activation: the input gradient matches the CPU's.
     (PyTorch's own channels_last avg-pool backward on CUDA is wrong with padding,
-    pytorch/pytorch#188344; `_pool` steers around it.)"""
-    pool = (torch.nn.MaxPool2d if kind == "max" else torch.nn.AvgPool2d)(5, stride=1, padding=2)
+    pytorch/pytorch#188344; `ops.pool5x5` steers around it.)"""
     x = torch.randn(2, 6, 9, 7, generator=torch.Generator().manual_seed(0))
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     results = []
     for device in ("cpu", CUDA):
         xs = x.to(device).contiguous(memory_format=torch.channels_last).requires_grad_()
-        out = layers._pool(pool, xs)
+        out = layers.pool5x5(xs, kind)
         out.backward(grad.to(device))
         results.append((out, xs.grad))
     assert_close(results[1][0], results[0][0], what="output")
@@ -120,7 +119,7 @@ def test_nchw_upsampling_on_cuda_matches_the_cpu():
     results = []
     for device in ("cpu", CUDA):
         xs = x.to(device, copy=True).requires_grad_()
-        out = layers._upsample(xs, (16, 16))
+        out = layers.upsample_bilinear(xs, (16, 16))
         out.backward(grad.to(device))
         results.append((out, xs.grad))
     assert_close(results[1][0], results[0][0], what="output")

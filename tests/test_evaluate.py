@@ -101,3 +101,11 @@ def test_cli_reference_recipe_and_errors(digits, tmp_path, capsys):
     assert main([str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot read") and "\n" not in err
+
+
+def test_a_sample_file_without_samples_is_one_line(tmp_path, capsys):
+    path = tmp_path / "empty.h5"
+    write_h5(path, torch.zeros(0, 1, 8, 8), {"name": "t", "data": {"kind": "digits"}})
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no samples written yet" in err, err

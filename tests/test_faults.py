@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ import yaml
 
 from scoretk import checkpoint as ckpt_mod
 from scoretk.checkpoint import RunDir, load_checkpoint
-from scoretk.files import HeldSignals, Stopped
+from scoretk.files import HeldSignals, Stopped, raise_if_stopped
 
 
 def _start(args: list[str], plugin_site=None) -> subprocess.Popen:
@@ -110,6 +111,29 @@ def test_a_stop_never_cuts_a_checkpoint_write(tmp_path, monkeypatch):
             run.save({"step": 3, "weights": torch.ones(3)}, 3, keep=2)
     assert caught.value.exit_status == 130
     assert load_checkpoint(run.latest())["step"] == 3
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_stop_lost_in_a_finaliser_is_still_acted_on():
+    """Python swallows an exception raised inside a weakref callback (or __del__), where a
+    signal's handler may run: the signal stays pending, and the next check stops."""
+
+    def signal_inside_the_callback(_ref):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs here, inside the callback
+            pass
+
+    class Thing:
+        pass
+
+    with HeldSignals(hold=0):
+        thing = Thing()
+        ref = weakref.ref(thing, signal_inside_the_callback)
+        del thing  # the Stopped raised in the callback is printed and dropped
+        assert ref() is None
+        with pytest.raises(Stopped) as caught:
+            raise_if_stopped()
+    assert caught.value.exit_status == 143
 
 
 def _torchrun(recipe, run, plugin_site, *extra: str) -> subprocess.CompletedProcess:

@@ -156,7 +156,8 @@ def test_a_second_trainer_is_refused_naming_the_holder(tmp_path, toy_recipe):
          "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(LockedError, match=f"in use by pid {holder.pid} on "):
+        with pytest.raises(LockedError, match=rf"^{run}: in use by another process \(PID "
+                                              rf"{holder.pid} on .*\); wait for it"):
             _train(_small(toy_recipe, iterations=6), run)
     finally:
         holder.send_signal(signal.SIGKILL)

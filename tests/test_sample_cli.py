@@ -5,8 +5,11 @@ tested is the plumbing, which does not care whether the model is any good.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -25,7 +28,7 @@ from scoretk.cli import main
 from scoretk.plugins import default_registry
 from scoretk.recipe import Recipe
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 
 TOY = {"name": "toy", "data": {"kind": "toy2d", "n": 500},
        "schedule": {"kind": "geometric", "sigma_max": 5.0, "sigma_min": 0.1, "num_levels": 3},
@@ -87,14 +90,6 @@ def rows(path: Path, name: str = "samples") -> np.ndarray:
 def attrs(path: Path) -> dict:
     with h5py.File(path, "r") as f:
         return dict(f.attrs)
-
-
-def assert_one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output + result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 # --- determinism ---------------------------------------------------------------------------
@@ -179,43 +174,108 @@ def test_torchrun_two_processes_write_the_single_process_file(ckpts, tmp_path):
     assert attrs(out)["world_size"] == 2 and attrs(out)["num_written"] == 44
 
 
-def sampling_with_rows(ckpt: Path, out: Path, args: list[str]) -> subprocess.Popen:
-    """`scoretk sample` in a subprocess, once its file holds some rows (or it ended)."""
-    proc = subprocess.Popen([sys.executable, "-m", "scoretk", "sample", "--checkpoint",
+def start_sampling(ckpt: Path, out: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "scoretk", "sample", "--checkpoint",
                              str(ckpt), "--out", str(out), "--device", "cpu", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=ONE_THREAD)
-    written, deadline = 0, time.monotonic() + 120
-    while written == 0 and time.monotonic() < deadline and proc.poll() is None:
+
+
+def wait_for_rows(proc: subprocess.Popen, out: Path) -> int:
+    """num_written once it is positive (0 if the process ends first)."""
+    from scoretk.store import SampleStore, StoreError
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(StoreError):  # not created yet
+            written = SampleStore(out).num_written
+            if written > 0:
+                return written
         time.sleep(0.01)
-        try:
-            with h5py.File(out, "r") as f:
-                written = int(f.attrs["num_written"])
-        except (OSError, KeyError):
-            pass  # not created yet, or the writer holds it this instant
-    return proc
+    return 0
 
 
-def test_sigkill_leaves_a_valid_file_that_resumes_exactly(ckpts, tmp_path):
-    ref, out = tmp_path / "ref.h5", tmp_path / "killed.h5"
-    args = ["-n", "3000", "--batch-size", "50", "-o", "sampler.steps_per_level=10"]
-    proc = sampling_with_rows(ckpts["toy"], out, args)
-    try:
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
+def kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
-    with h5py.File(out, "r") as f:
-        n = int(f.attrs["num_written"])
-        assert 0 < n < 3000 and n % 50 == 0 and not f.attrs["complete"]
-        assert f["samples"].shape[0] >= n
-        part = f["samples"][:n]
+
+
+def test_sigkill_at_a_random_moment_leaves_a_file_that_resumes_exactly(ckpts, tmp_path):
+    """A real process with real fsyncs, killed a random moment after its first batch landed
+    (tests/test_store_faults.py kills at every write position and many random moments)."""
+    from scoretk.store import SampleStore
+
+    ref, out = tmp_path / "ref.h5", tmp_path / "killed.h5"
+    args = ["-n", "1000", "--batch-size", "50", "-o", "sampler.steps_per_level=10"]
+    proc = start_sampling(ckpts["toy"], out, *args)
+    try:
+        assert wait_for_rows(proc, out) > 0, proc.stderr.read()
+        time.sleep(random.uniform(0, 0.2))
+    finally:
+        kill(proc)
+    store = SampleStore(out)  # opens, rolling back a commit the kill interrupted
+    n = store.num_written
+    assert 0 < n < 1000 and n % 50 == 0 and not store.complete
     sample(ckpts["toy"], ref, *args)
-    np.testing.assert_array_equal(part, rows(ref)[:n])
+    np.testing.assert_array_equal(store.read(n), rows(ref)[:n])
     result = sample(ckpts["toy"], out, "--resume", *args)
-    assert f"{3000 - n} new" in result.output
+    assert f"{1000 - n} new" in result.output
     np.testing.assert_array_equal(rows(out), rows(ref))
     assert attrs(out)["complete"]
+
+
+def test_a_second_run_on_a_file_in_use_is_refused(ckpts, tmp_path):
+    """--force or --resume while another process samples into the file: one line naming it,
+    and the running one goes on undisturbed; once it is gone, the file is free."""
+    from scoretk.store import SampleStore
+
+    out = tmp_path / "busy.h5"
+    proc = start_sampling(ckpts["toy"], out, "-n", "400", "--batch-size", "20",
+                          "-o", "sampler.steps_per_level=300")
+    try:
+        assert wait_for_rows(proc, out) > 0, proc.stderr.read()
+        for extra in (["--force", "-n", "8"], ["--resume"]):
+            result = cli("sample", "--checkpoint", ckpts["toy"], "--out", out, *extra)
+            assert_one_line_error(result, str(out), f"PID {proc.pid}")
+        assert SampleStore(out).num_samples == 400 and proc.poll() is None
+    finally:
+        kill(proc)
+    sample(ckpts["toy"], out, "--force", "-n", "8")
+    assert attrs(out)["num_written"] == 8
+
+
+LIMITED = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+from scoretk.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_disk_full_is_one_line_and_keeps_the_rows(ckpts, tmp_path):
+    """A real EFBIG (the file size limit set just below the finished file's size)."""
+    from scoretk.store import SampleStore
+
+    ref, out = tmp_path / "ref.h5", tmp_path / "full.h5"
+    args = ["-n", "40", "--batch-size", "8"]
+    sample(ckpts["img"], ref, *args)
+    limit = ref.stat().st_size - 1
+    proc = subprocess.run([sys.executable, "-c", LIMITED.format(limit=limit), "sample",
+                           "--checkpoint", str(ckpts["img"]), "--out", str(out),
+                           "--device", "cpu", *args],
+                          capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    stderr = proc.stderr
+    assert proc.returncode == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    assert "disk full" in errors[0] and "--resume" in errors[0], errors[0]
+    n = SampleStore(out).num_written
+    assert 0 < n < 40
+    np.testing.assert_array_equal(rows(out)[:n], rows(ref)[:n])
+    result = sample(ckpts["img"], out, "--resume", *args)
+    assert f"{40 - n} new" in result.output
+    np.testing.assert_array_equal(rows(out), rows(ref))
 
 
 RSS_SCRIPT = """
@@ -388,6 +448,69 @@ def test_resume_of_a_foreign_file_is_refused(ckpts, tmp_path):
     assert out.read_bytes() == before
 
 
+def test_out_naming_a_pipe_or_device_is_never_replaced(ckpts, tmp_path):
+    fifo = tmp_path / "pipe.h5"
+    os.mkfifo(fifo)
+    for extra in (["--force"], ["--resume"]):
+        result = cli("sample", "--checkpoint", ckpts["toy"], "--out", fifo, "-n", "8", *extra)
+        assert_one_line_error(result, str(fifo), "not a regular file")
+        assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe.h5"]
+
+
+def scoretk_file_with(ckpts, path: Path, change) -> bytes:
+    """A real sample file changed by `change(h5py.File)`; its bytes."""
+    sample(ckpts["img"], path, "-n", "16", "--batch-size", "8")
+    with h5py.File(path, "a") as f:
+        f.attrs["complete"] = False
+        change(f)
+    return path.read_bytes()
+
+
+def _other_shape(f: h5py.File) -> None:
+    del f["samples"]
+    f.create_dataset("samples", data=np.zeros((16, 5), np.float32), maxshape=(None, 5))
+
+
+@pytest.mark.parametrize("change,needle", [
+    (_other_shape, "dataset 'samples' is float32 (16, 5)"),
+    (lambda f: f.attrs.__delitem__("num_written"), "attribute 'num_written' is missing"),
+    (lambda f: f.attrs.__setitem__("num_written", 99), "num_written is 99"),
+])
+def test_foreign_or_altered_files_are_refused_untouched(ckpts, tmp_path, change, needle):
+    """scoretk's attributes over other data: --resume and inspect give one line, and the file
+    keeps every byte."""
+    out = tmp_path / "odd.h5"
+    before = scoretk_file_with(ckpts, out, change)
+    assert_one_line_error(cli("sample", "--out", out, "--resume", "--device", "cpu"), needle)
+    assert_one_line_error(cli("inspect", out), needle)
+    assert out.read_bytes() == before
+
+
+def test_truncated_file_is_named_damaged_at_once(ckpts, tmp_path):
+    out = tmp_path / "cut.h5"
+    sample(ckpts["img"], out, "-n", "16")
+    out.write_bytes(out.read_bytes()[:-500])
+    for args in (["inspect", out], ["sample", "--out", out, "--resume"]):
+        assert_one_line_error(cli(*args), str(out), "damaged or truncated HDF5 file")
+
+
+def test_damaged_rows_are_not_called_resumable(ckpts, tmp_path):
+    out = tmp_path / "bad.h5"
+    data = bytearray(scoretk_file_with(ckpts, out, lambda f: None))
+    with h5py.File(out) as f:
+        chunk = f["samples"].id.get_chunk_info(0)
+    data[chunk.byte_offset + 10:chunk.byte_offset + 30] = os.urandom(20)
+    out.write_bytes(data)
+    result = cli("inspect", out)
+    assert result.exit_code == 0, result.output + result.stderr
+    state = next(line for line in result.output.splitlines() if line.startswith("complete:"))
+    assert "damaged" in state and "cannot be resumed" in state and "resume with" not in state
+    assert_one_line_error(cli("sample", "--out", out, "--resume", "--device", "cpu"),
+                          "damaged", "--force")
+    assert out.read_bytes() == data
+
+
 # --- inspect and grids ---------------------------------------------------------------------
 
 def test_inspect_and_grids(ckpts, tmp_path):
@@ -421,13 +544,16 @@ def test_inspect_grid_must_be_a_png(ckpts, tmp_path):
 
 @pytest.mark.parametrize("signum,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_while_sampling_leaves_a_file_that_resumes(ckpts, tmp_path, signum, status):
+    from scoretk.store import SampleStore
+
     ref, out = tmp_path / "ref.h5", tmp_path / "stopped.h5"
-    args = ["-n", "3000", "--batch-size", "50", "-o", "sampler.steps_per_level=10"]
-    proc = sampling_with_rows(ckpts["toy"], out, args)
+    args = ["-n", "1000", "--batch-size", "50", "-o", "sampler.steps_per_level=10"]
+    proc = start_sampling(ckpts["toy"], out, *args)
+    assert wait_for_rows(proc, out) > 0, proc.stderr.read()
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == status, err
-    n = attrs(out)["num_written"]
+    n = SampleStore(out).num_written
     assert err.rstrip().endswith(f"interrupted: {out} is valid and holds {n} samples; "
                                  f"`scoretk sample --out {out} --resume` continues it")
     sample(ckpts["toy"], ref, *args)

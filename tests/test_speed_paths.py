@@ -298,7 +298,7 @@ def test_fast_layers_agree_with_plain_formulas(monkeypatch):
     monkeypatch.setattr(refinenet, "norm_act", unfused)
     monkeypatch.setattr(ELU, "forward", lambda self, t: F.elu(t, self.alpha))
     monkeypatch.setattr(ConvMeanPool, "forward", lambda self, t: F.avg_pool2d(self.conv(t), 2))
-    monkeypatch.setattr(layers, "_pool", lambda pool, t: pool(t))
+    monkeypatch.setattr(layers, "pool5x5", ops.pool5x5_plain)
     plain = _run(plain_net, x, sigma, level)
     _compare(fast, plain, "plain formulas")
 
@@ -335,13 +335,14 @@ def test_crp_pooling_paths_agree(kind, channels_last):
     """CRP's pooling (channels_last detour, separable max without gradient) returns exactly
     what the plain pooling layer does, with and without gradient."""
     pool = (torch.nn.MaxPool2d if kind == "max" else torch.nn.AvgPool2d)(5, stride=1, padding=2)
+    fast = layers.Pool5x5(kind)
     x = torch.randn(2, 6, 9, 7)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        torch.testing.assert_close(layers._pool(pool, x), pool(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(fast(x), pool(x), rtol=0, atol=1e-6)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out = layers._pool(pool, a)
+    out = fast(a)
     torch.testing.assert_close(out, pool(b), rtol=0, atol=1e-6)
     out.backward(torch.ones_like(out))
     pool(b).backward(torch.ones_like(out))

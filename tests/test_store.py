@@ -14,7 +14,7 @@ from PIL import Image
 from scoretk.images import save_grid, to_uint8
 from scoretk.files import deferred_signals
 from scoretk.store import (SAMPLES, SAMPLES_FLOAT, SampleStore, StoreError,
-                           describe, write_grid_from_file)
+                           describe)
 
 ATTRS = {"recipe": {"name": "t", "sampler": {"kind": "x", "T": 3}, "sample": {"batch_size": 4}},
          "sampler_settings": {"eps": 1e-5, "T": 3}, "seed": 7, "num_samples": 10,
@@ -164,22 +164,6 @@ def test_describe_reports_shape_and_progress(tmp_path):
     assert "samples: shape (4, 4, 4, 1) uint8" in text
     assert "num_written: 4 of 10" in text and "complete: no" in text
     assert "seed: 7" in text and "recipe: t" in text
-
-
-def test_grids_for_images_and_points(tmp_path):
-    store = SampleStore.create(tmp_path / "s.h5", (3, 4, 4), ATTRS)
-    store.append(torch.rand(5, 3, 4, 4))
-    write_grid_from_file(store.path, tmp_path / "g.png", 4)
-    assert Image.open(tmp_path / "g.png").size == (14, 14)  # 2x2 images of 4 px, 2 px padding
-    pts = SampleStore.create(tmp_path / "p.h5", (2,), ATTRS)
-    pts.append(torch.randn(10, 2))
-    write_grid_from_file(pts.path, tmp_path / "p.png", 100)
-    assert Image.open(tmp_path / "p.png").size == (512, 512)
-    empty = SampleStore.create(tmp_path / "e.h5", (2,), ATTRS)
-    with pytest.raises(StoreError, match="no samples"):
-        write_grid_from_file(empty.path, tmp_path / "e.png", 4)
-    with pytest.raises(StoreError, match="does not exist"):
-        write_grid_from_file(pts.path, tmp_path / "nodir" / "p.png", 4)
 
 
 def test_save_grid_writes_a_png(tmp_path):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import dilated_conv3x3, elu, instance_norm_pp
+from .ops import dilated_conv3x3, elu, instance_norm_pp, pool5x5, upsample_bilinear
 
 NormFn = Callable[[int], nn.Module]
 """norm(num_channels) -> module called as norm(x, level)."""
@@ -44,14 +44,30 @@ class ELU(nn.ELU):
             return super().forward(x)
         return elu(x, self.alpha)
 
+    @property
+    def fusable_alpha(self) -> float | None:
+        """The alpha a norm that `fuses_elu` may apply itself (see `norm_act`)."""
+        return None if self.inplace else self.alpha
+
 
 # ---------------------------------------------------------------------------- normalisation
+
+def _check_norm_channels(dim: int) -> None:
+    """InstanceNorm++ normalises the channel means by their unbiased variance over channels,
+    which one channel does not have."""
+    if dim < 2:
+        raise ValueError(f"InstanceNorm++ needs at least 2 channels, got {dim} (the unbiased "
+                         "variance of the channel means is undefined for one)")
+
 
 class InstanceNormPP(nn.Module):
     """Unconditional InstanceNorm++ (NCSNv2): one (gamma, alpha, beta); ignores `level`."""
 
+    fuses_elu = True  # forward(..., elu_alpha=a) returns ELU(norm(x)) in one op
+
     def __init__(self, dim: int):
         super().__init__()
+        _check_norm_channels(dim)
         self.gamma = nn.Parameter(torch.empty(dim).normal_(1., 0.02))
         self.alpha = nn.Parameter(torch.empty(dim).normal_(1., 0.02))
         self.beta = nn.Parameter(torch.zeros(dim))
@@ -66,8 +82,11 @@ class CondInstanceNormPP(nn.Module):
     """Conditional InstanceNorm++ (NCSN v1): a row of (gamma, alpha, beta) per noise level,
     stored as one L x 3C embedding, so the parameter count grows linearly in L."""
 
+    fuses_elu = True
+
     def __init__(self, dim: int, num_levels: int):
         super().__init__()
+        _check_norm_channels(dim)
         self.embed = nn.Embedding(num_levels, 3 * dim)
         with torch.no_grad():
             self.embed.weight[:, :2 * dim].normal_(1., 0.02)  # gamma, alpha
@@ -92,10 +111,10 @@ def norm_act(norm: nn.Module, act: nn.Module, x: Tensor, level: Tensor | None) -
     """act(norm(x, level)). For InstanceNorm++ followed by our ELU this is one op: the ELU
     runs in place on the norm's fresh output, so a training step allocates (and writes to
     cold memory) one activation fewer per pair and the backward goes straight from one to the
-    other (1.04x an NCSNv2 training step on CPU). The same values either way."""
-    if isinstance(norm, (InstanceNormPP, CondInstanceNormPP)) and type(act) is ELU \
-            and not act.inplace:
-        return norm(x, level, elu_alpha=act.alpha)
+    other (benchmarks/README.md, layer ablation). The same values either way."""
+    alpha = getattr(act, "fusable_alpha", None)
+    if alpha is not None and getattr(norm, "fuses_elu", False):
+        return norm(x, level, elu_alpha=alpha)
     return act(norm(x, level))
 
 
@@ -194,21 +213,9 @@ class MSF(nn.Module):
         for x, norm, conv in zip(xs, self.norms, self.convs):
             h = conv(norm(x, level))
             if tuple(h.shape[-2:]) != tuple(size):  # same size would be an exact copy
-                h = _upsample(h, size)
+                h = upsample_bilinear(h, size)
             out = h if out is None else out.add_(h)  # out: a fresh conv/upsample output
         return out
-
-
-def _upsample(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear upsampling (align_corners, as the reference). PyTorch's CUDA kernel for NCHW
-    gives each thread one output pixel and loops it over batch x channels: 5.2 ms for a
-    (128, 128, 16, 16) -> 32 x 32 upsample on an H100, 18% of an NCSNv2 evaluation. Its
-    channels_last kernel spreads over every element, so NCHW tensors go there and back."""
-    if x.device.type == "cuda" and x.dim() == 4 and not torch.compiler.is_compiling() \
-            and not x.is_contiguous(memory_format=torch.channels_last):
-        x = x.contiguous(memory_format=torch.channels_last)
-        return F.interpolate(x, size=size, mode='bilinear', align_corners=True).contiguous()
-    return F.interpolate(x, size=size, mode='bilinear', align_corners=True)
 
 
 class CRP(nn.Module):
@@ -219,43 +226,30 @@ class CRP(nn.Module):
                  act: nn.Module | None = None):
         super().__init__()
         self.act = act or ELU()
-        self.pool = (nn.MaxPool2d if pool == 'max' else nn.AvgPool2d)(5, stride=1, padding=2)
+        self.pool = Pool5x5(pool)
         self.norms = nn.ModuleList(norm(dim) for _ in range(stages))
         self.convs = nn.ModuleList(conv3x3(dim, dim, bias=False) for _ in range(stages))
 
     def forward(self, x: Tensor, level: Tensor | None = None) -> Tensor:
         x = path = self.act(x)
         for norm, conv in zip(self.norms, self.convs):
-            path = conv(_pool(self.pool, norm(path, level)))
+            path = conv(self.pool(norm(path, level)))
             x = x + path
         return x
 
 
-def _pool(pool: nn.Module, x: Tensor) -> Tensor:
-    """5x5 stride-1 pooling. PyTorch's CPU kernels for it are ~10x faster in channels_last
-    than in NCHW (vectorised over channels), which pays for converting there and back. Max
-    pooling runs as a 5x1 then a 1x5 pass (max is separable: the same values, 10 instead of
-    25 comparisons per output) without gradient, and on CUDA in channels_last also with
-    gradient, where the two passes' backward beats the 5x5 one (886 vs 1130 us per call at
-    ngf 128, batch 128; on CPU it did not pay)."""
-    if x.dim() != 4 or torch.compiler.is_compiling() or x.device.type not in ("cpu", "cuda"):
-        return pool(x)
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    grad = torch.is_grad_enabled() and x.requires_grad
-    if x.device.type == "cuda" and isinstance(pool, nn.AvgPool2d) and pool.padding \
-            and channels_last and grad:
-        # PyTorch's channels_last CUDA kernel for avg-pool backward with padding returns
-        # wrong input gradients (pytorch/pytorch#188344; seen on torch 2.11): use NCHW
-        return pool(x.contiguous()).contiguous(memory_format=torch.channels_last)
-    if x.device.type == "cpu" and not x.is_contiguous(memory_format=torch.channels_last):
-        return pool(x.contiguous(memory_format=torch.channels_last)).contiguous()
-    if isinstance(pool, nn.MaxPool2d) and (not grad or x.device.type == "cuda" and channels_last):
-        k, p = pool.kernel_size, pool.padding
-        if (pool.stride, pool.dilation, pool.ceil_mode) == (1, 1, False) and isinstance(k, int) \
-                and isinstance(p, int):
-            x = F.max_pool2d(x, (k, 1), 1, (p, 0))
-            return F.max_pool2d(x, (1, k), 1, (0, p))
-    return pool(x)
+class Pool5x5(nn.Module):
+    """5x5 stride-1 max or average pooling that keeps the size (see `ops.pool5x5`)."""
+
+    def __init__(self, kind: Literal['max', 'avg']):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x: Tensor) -> Tensor:
+        return pool5x5(x, self.kind)
+
+    def extra_repr(self) -> str:
+        return self.kind
 
 
 class RefineBlock(nn.Module):

@@ -91,14 +91,22 @@ def instance_norm_pp(x: Tensor, gamma: Tensor, alpha: Tensor, beta: Tensor,
     """InstanceNorm++: instance norm, plus the (normalised) channel means added back through
     alpha, because plain instance norm throws away colour / brightness shifts between channels.
 
-    gamma, alpha, beta: (B, C) or (1, C).
-    z_k = gamma_k (x_k - mu_k)/s_k + beta_k + alpha_k (mu_k - m)/v
+    gamma, alpha, beta: (B, C) or (1, C). With h_k = (x_k - mu_k)/s_k (instance norm) and
+    mu_hat_k = (mu_k - m)/v, m and v^2 the mean and the unbiased variance of the channel
+    means mu_k over the C channels (so C >= 2):
+    z_k = gamma_k (h_k + alpha_k mu_hat_k) + beta_k,
+    the function of the released NCSN/NCSNv2 code and checkpoints (docs/theory.md,
+    "InstanceNorm++"; the NCSN paper's appendix writes alpha's term outside gamma, with a
+    biased variance: other weights, other function).
     With `elu_alpha`, returns ELU(z) instead (see `layers.norm_act`).
 
     Eager mode runs a fused version (`_InstanceNormPP`: 3 passes over x forward, a hand-written
     backward); under torch.compile the plain formula (`instance_norm_pp_reference`) is traced
     instead, so the compiler can fuse it with its neighbours.
     """
+    if x.shape[1] < 2:
+        raise ValueError(f"InstanceNorm++ needs at least 2 channels (the channel means' "
+                         f"unbiased variance), got {x.shape[1]}")
     if torch.compiler.is_compiling():
         return _plain_norm(x, gamma, alpha, beta, elu_alpha)
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (x, gamma, alpha, beta)):
@@ -113,24 +121,24 @@ def instance_norm_pp_reference(x: Tensor, gamma: Tensor, alpha: Tensor, beta: Te
     mu = x.mean(dim=(2, 3), keepdim=True)
     s = x.var(dim=(2, 3), keepdim=True, unbiased=False).add(EPS).sqrt()
     m = mu.mean(dim=1, keepdim=True)
-    v = mu.var(dim=1, keepdim=True, unbiased=False).add(EPS).sqrt()
+    v = mu.var(dim=1, keepdim=True, unbiased=True).add(EPS).sqrt()
     gamma, alpha, beta = (t[:, :, None, None] for t in (gamma, alpha, beta))
-    return gamma * (x - mu) / s + beta + alpha * (mu - m) / v
+    return gamma * ((x - mu) / s + alpha * (mu - m) / v) + beta
 
 
 def _norm_stats(x: Tensor, gamma: Tensor, alpha: Tensor, beta: Tensor):
     """(x - mu, mu, 1/s, normalised channel means, 1/v, scale, shift); all but the first are
-    (B, C, 1, 1)."""
+    (B, C, 1, 1). z = (x - mu)*scale + shift, scale = gamma/s, shift = beta + gamma*alpha*nm."""
     mu = x.mean(dim=(2, 3), keepdim=True)
     d = x - mu
     var = torch.mul(d, d).mean(dim=(2, 3), keepdim=True)  # two-pass: no cancellation
     invstd = var.add_(EPS).rsqrt_()
-    mvar, m = torch.var_mean(mu, dim=1, keepdim=True, unbiased=False)
+    mvar, m = torch.var_mean(mu, dim=1, keepdim=True, unbiased=True)
     inv_v = mvar.add_(EPS).rsqrt_()
     nm = (mu - m).mul_(inv_v)
     g4, a4, b4 = (t[:, :, None, None] for t in (gamma, alpha, beta))
     scale = g4 * invstd
-    shift = torch.addcmul(b4, a4, nm)
+    shift = torch.addcmul(b4, g4 * a4, nm)
     return d, mu, invstd, nm, inv_v, scale, shift
 
 
@@ -183,11 +191,14 @@ def _grads_of_plain(fn, tensors, needs, grad):
 
 
 def _instance_norm_pp_backward(grad, x, gamma, alpha, mu, invstd, nm, inv_v, needs):
-    """z = gamma*(x - mu)*invstd + beta + alpha*nm, nm = (mu - m)*inv_v over channels.
+    """z = gamma*(xhat + alpha*nm) + beta, xhat = (x - mu)*invstd, nm = (mu - m)*inv_v over
+    channels (inv_v from the unbiased variance: C - 1 divides the sum of squares).
 
-    With xhat = (x - mu)*invstd, sg = sum_hw grad, sgx = sum_hw grad*xhat, n = H*W:
+    With sg = sum_hw grad, sgx = sum_hw grad*xhat, n = H*W:
+    dbeta = sg, dgamma = sgx + alpha*nm*sg, dalpha = gamma*nm*sg, and
     dx = gamma*invstd*(grad - sg/n - xhat*sgx/n) + dmu/n, where dmu is the gradient reaching mu
-    through the alpha term (a layer-norm backward over channels).
+    through nm: with dnm = gamma*alpha*sg,
+    dmu = inv_v*(dnm - mean_c dnm - nm*sum_c(dnm*nm)/(C - 1)).
     """
     n = x.shape[2] * x.shape[3]
     g4, a4 = gamma[:, :, None, None], alpha[:, :, None, None]
@@ -196,15 +207,15 @@ def _instance_norm_pp_backward(grad, x, gamma, alpha, mu, invstd, nm, inv_v, nee
     sgx = torch.mul(grad, d).sum(dim=(2, 3), keepdim=True).mul_(invstd)
     dgamma = dalpha = dbeta = dx = None
     if needs[1]:
-        dgamma = _reduce_like(sgx, gamma)
+        dgamma = _reduce_like(torch.addcmul(sgx, a4 * nm, sg), gamma)
     if needs[2]:
-        dalpha = _reduce_like(sg * nm, alpha)
+        dalpha = _reduce_like(g4 * nm * sg, alpha)
     if needs[3]:
         dbeta = _reduce_like(sg, gamma)
     if needs[0]:
-        dnm = sg * a4
+        dnm = sg * g4 * a4
         dmu = (dnm - dnm.mean(dim=1, keepdim=True)
-               - nm * (dnm * nm).mean(dim=1, keepdim=True)).mul_(inv_v)
+               - nm * (dnm * nm).sum(dim=1, keepdim=True) / (x.shape[1] - 1)).mul_(inv_v)
         k1 = g4 * invstd  # dx = k1*grad + k2*(x - mu) + k3
         k2 = -k1 * invstd * sgx / n
         k3 = (dmu - k1 * sg) / n
@@ -289,3 +300,50 @@ def _dilated_weight_grad(grad: Tensor, x: Tensor, d: int) -> Tensor:
             window = xp[:, d * kh:d * kh + h, d * kw:d * kw + w].reshape(-1, x.shape[1])
             torch.mm(g.t(), window, out=out[:, kh, kw])
     return out.permute(0, 3, 1, 2)
+
+
+# ---------------------------------------------------------------------------- pooling, upsampling
+
+def pool5x5(x: Tensor, kind: str) -> Tensor:
+    """5x5 stride-1 pooling with padding 2 (`pool5x5_plain`), computed where it runs fastest.
+
+    PyTorch's CPU kernels for it are far faster in channels_last than in NCHW (vectorised over
+    channels), which pays for converting there and back. Max pooling is separable (the same
+    values from a 5x1 then a 1x5 pass, 10 instead of 25 comparisons per output): used without
+    gradient, and on CUDA in channels_last also with gradient, where its backward is faster
+    too (on the CPU it is not). Timings: benchmarks/README.md (layer ablation).
+    """
+    if x.dim() != 4 or torch.compiler.is_compiling() or x.device.type not in ("cpu", "cuda"):
+        return pool5x5_plain(x, kind)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    grad = torch.is_grad_enabled() and x.requires_grad
+    if x.device.type == "cuda" and kind == "avg" and channels_last and grad:
+        # PyTorch's channels_last CUDA kernel for avg-pool backward with padding returned wrong
+        # input gradients before its fix (pytorch/pytorch#188344, torch 2.11); torch>=2.6 is
+        # allowed, so NCHW here
+        return pool5x5_plain(x.contiguous(), kind).contiguous(memory_format=torch.channels_last)
+    if x.device.type == "cpu" and not x.is_contiguous(memory_format=torch.channels_last):
+        return pool5x5_plain(x.contiguous(memory_format=torch.channels_last), kind).contiguous()
+    if kind == "max" and (not grad or x.device.type == "cuda" and channels_last):
+        return F.max_pool2d(F.max_pool2d(x, (5, 1), 1, (2, 0)), (1, 5), 1, (0, 2))
+    return pool5x5_plain(x, kind)
+
+
+def pool5x5_plain(x: Tensor, kind: str) -> Tensor:
+    pool = F.max_pool2d if kind == "max" else F.avg_pool2d
+    return pool(x, 5, stride=1, padding=2)
+
+
+def upsample_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear upsampling with align_corners (as the reference code). PyTorch's CUDA kernel
+    for NCHW gives each thread one output pixel and loops it over batch x channels; its
+    channels_last kernel spreads over every element, so NCHW tensors go there and back."""
+    if x.device.type == "cuda" and x.dim() == 4 and not torch.compiler.is_compiling() \
+            and not x.is_contiguous(memory_format=torch.channels_last):
+        x = x.contiguous(memory_format=torch.channels_last)
+        return upsample_bilinear_plain(x, size).contiguous()
+    return upsample_bilinear_plain(x, size)
+
+
+def upsample_bilinear_plain(x: Tensor, size: tuple[int, int]) -> Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)

@@ -14,27 +14,23 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from scoretk.components import Noise, ProgressFn, Sampler, Schedule
-from scoretk.registry import Params
+from scoretk.components import Condition, Noise, ProgressFn, Sampler, Schedule
 
 from .. import ncsn_theory as theory
+from .common import Init, StartParams, geometric_ratio, initial_state, noised
 
 
-class LangevinParams(Params):
-    steps_per_level: Annotated[int, Field(gt=0)] = 5
-    eps: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
-    denoise: bool = True
-    init: Literal["uniform", "gaussian", "data"] = "uniform"
-    clamp: bool = False
-    """Clip the result to [0, 1]. Off by default: image writers quantise (and so clip) anyway,
-    the unclipped values show how far a model overshoots, and non-image data is not in [0, 1]."""
-    diagnostics: bool = False
-
-
-def _gamma(sigmas: Tensor) -> float:
-    """sigma_{i-1}/sigma_i, as the geometric mean of consecutive ratios (exact for geometric)."""
-    s = sigmas.double()
-    return float((s[0] / s[-1]) ** (1 / (len(s) - 1)))
+class LangevinParams(StartParams):
+    steps_per_level: Annotated[int, Field(gt=0)] = Field(
+        5, description="Langevin steps T at each noise level")
+    eps: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="step at sigma_L (a_i = eps sigma_i^2/sigma_L^2, the released "
+        "code's convention); auto: NCSNv2 Proposition 3 for this T")
+    denoise: bool = Field(True, description="final Tweedie step x + sigma_L^2 s (one evaluation)")
+    init: Init = Field("uniform", description="starting point as for the other samplers; "
+                       "uniform U[0,1]^D, the released code's, by default")
+    diagnostics: bool = Field(False, description="log per-level health numbers "
+                              "(diagnostics_log; syncs with the device)")
 
 
 class AnnealedLangevin(Sampler):
@@ -48,7 +44,7 @@ class AnnealedLangevin(Sampler):
         """(eps, Prop. 3 ratio s_T^2/sigma_i^2 for that eps; None with fewer than two levels)."""
         s = schedule.sigmas
         sigma_min = float(s[-1])
-        gamma = _gamma(s) if len(s) > 1 else None
+        gamma = geometric_ratio(s) if len(s) > 1 else None
         if self.eps == "auto":
             if gamma is None:
                 raise ValueError("sampler.eps='auto' needs at least two noise levels (Prop. 3)")
@@ -78,42 +74,38 @@ class AnnealedLangevin(Sampler):
     @torch.no_grad()
     def sample(self, net: nn.Module, schedule: Schedule, shape: tuple[int, ...], noise: Noise,
                *, device: torch.device | str = "cpu", init: Tensor | None = None,
-               progress: ProgressFn | None = None) -> Tensor:
+               progress: ProgressFn | None = None,
+               condition: Condition | None = None) -> Tensor:
         shape, sigmas = tuple(shape), schedule.sigmas
         eps, _ = self.resolve_eps(schedule)
         s1, sL = float(sigmas[0]), float(sigmas[-1])
-        if init is not None and self.init != "data":
-            raise ValueError(f"an init tensor was given but sampler.init is {self.init!r}; "
-                             "use init: data to start from data + sigma_1 noise")
-        if self.init == "uniform":
-            x = noise.rand(shape).to(device)
-        elif self.init == "gaussian":
-            x = noise.randn(shape).to(device) * s1
-        else:
-            if init is None:
-                raise ValueError("sampler.init='data' needs the `init` tensor of starting data")
-            x = init.to(device=device, dtype=torch.float32) + s1 * noise.randn(shape).to(device)
+        x = initial_state(self.init, noise, shape, s1, init, device)
         self.diagnostics_log = []
         total = self.evaluations_per_sample(schedule)
         x = self.run_levels(net, x, sigmas, noise, eps=eps, sigma_min=sL, progress=progress,
-                            total=total)
+                            total=total, condition=condition)
         if self.denoise:
             B, L = x.shape[0], schedule.num_levels
             sig = torch.full((B,), sL, device=x.device, dtype=x.dtype)
             lvl = torch.full((B,), L - 1, device=x.device, dtype=torch.long)
+            x = noised(condition, x, sL, noise)
             x = x + sL**2 * net(x, sig, lvl)  # Tweedie: E[x | x~] for x~ at sigma_L
             if progress is not None:
                 progress(total, total)
+        self.last_evaluations = total
+        if condition is not None:
+            x = condition.impose(x, 0.0)
         return x.clamp_(0, 1) if self.clamp else x
 
     @torch.no_grad()
     def run_levels(self, net: nn.Module, x: Tensor, sigmas: Tensor, noise: Noise, *, eps: float,
                    sigma_min: float, first_level: int = 0, progress: ProgressFn | None = None,
-                   total: int | None = None) -> Tensor:
+                   total: int | None = None, condition: Condition | None = None) -> Tensor:
         """T Langevin steps at each of `sigmas` (levels first_level, first_level+1, ...).
 
         `sigma_min` is the schedule's sigma_L, which sets a_i = eps (sigma_i/sigma_L)^2 even when
-        only some levels run (one level alone is Proposition 3's setting).
+        only some levels run (one level alone is Proposition 3's setting). A condition's known
+        part is set to the known values plus fresh sigma_i noise before every step.
         """
         B, shape = x.shape[0], tuple(x.shape[1:])
         total = total if total is not None else len(sigmas) * self.T
@@ -122,6 +114,7 @@ class AnnealedLangevin(Sampler):
             sig = torch.full((B,), sigma, device=x.device, dtype=x.dtype)
             lvl = torch.full((B,), first_level + k, device=x.device, dtype=torch.long)
             for _ in range(self.T):
+                x = noised(condition, x, sigma, noise)
                 score = net(x, sig, lvl)
                 z = noise.randn(shape).to(x.device)
                 x = x + a * score + math.sqrt(2 * a) * z

@@ -201,14 +201,16 @@ def reference_data(data_block: dict[str, Any], registry: Registry, seed: int = 0
 def read_samples(path: str) -> tuple[np.ndarray, dict[str, Any] | None, bool]:
     """Samples as float (N, C, H, W) in [0, 1] (or (N, D) vectors), the stored recipe, and
     whether the writer marked the file complete (an interrupted file is still evaluated)."""
-    import h5py
+    from scoretk.store import reading
 
-    with h5py.File(path, "r") as f:
+    with reading(path) as f:
         ds = f["samples"]
         n = int(f.attrs.get("num_written", ds.shape[0]))
         x = ds[:n]
         recipe = f.attrs.get("recipe")
         complete = bool(f.attrs.get("complete", True))
+    if len(x) == 0:
+        raise ValueError("no samples written yet (num_written is 0)")
     if isinstance(recipe, bytes):
         recipe = recipe.decode()
     recipe = json.loads(recipe) if recipe is not None else None

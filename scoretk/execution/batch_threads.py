@@ -125,6 +125,7 @@ class BatchThreads(nn.Module):
         if threads < 2:
             raise ValueError(f"BatchThreads needs at least 2 threads, got {threads}")
         self.net, self.threads, self.min_values = net, threads, max(1, min_values)
+        self.accepts_any_sigma = getattr(net, "accepts_any_sigma", True)  # samplers read it
 
     def chunks(self, batch: int, item_values: int) -> int:
         """How many chunks a batch of `batch` items of `item_values` values each is split

@@ -19,6 +19,7 @@ from scoretk.checkpoint import (CheckpointError, RunDir, load_checkpoint, most_r
 from scoretk.components import Averager
 from scoretk.execution.policy import ExecutionPolicy
 from scoretk.generation.request import SampleRequest
+from scoretk.interop.weights import SUFFIX, exported_weights_are_raw, load_exported
 from scoretk.recipe import SAMPLING_SECTIONS, Recipe, RecipeError, with_overrides
 from scoretk.registry import Registry
 from scoretk.store import SampleStore, StoreError
@@ -70,15 +71,20 @@ def resolve_job(request: SampleRequest, registry: Registry, policy: ExecutionPol
     with weights; a resume defaults to the file's checkpoint, settings, N, seed and flags."""
     fa = existing.attrs if existing else {}
     ckpt = find_checkpoint(request, fa.get("checkpoint"))
-    state, sha = load_checkpoint(ckpt), sha256_file(ckpt)
+    exported = ckpt.suffix == SUFFIX  # `scoretk export`: one set of weights, no averager
+    state = load_exported(ckpt) if exported else load_checkpoint(ckpt)
+    sha = sha256_file(ckpt)
     if existing and fa.get("checkpoint_sha256") != sha:
         raise StoreError(f"{existing.path}: cannot resume, it was started from another "
                          f"checkpoint ({fa.get('checkpoint')}, checkpoint_sha256 differs); "
                          "pass that one with --checkpoint, or --force to start over")
     recipe = _recipe(ckpt, state, fa, request, registry)
     raw_weights = request.raw_weights or bool(fa.get("raw_weights"))
+    if exported:
+        raw_weights = exported_weights_are_raw(ckpt, state, raw_weights)
     keep_float = request.keep_float or bool(fa.get("keep_float"))
-    model, averager = load_model(ckpt, state, recipe, registry, policy.device, raw_weights)
+    model, averager = load_model(ckpt, state, recipe, registry, policy.device,
+                                 raw_weights or exported)
     n = request.num_samples or fa.get("num_samples") or recipe.sample.num_samples
     b = request.batch_size or fa.get("batch_size") or recipe.sample.batch_size
     seed = request.seed if request.seed is not None else fa.get("seed", recipe.sample.seed)
@@ -90,8 +96,8 @@ def resolve_job(request: SampleRequest, registry: Registry, policy: ExecutionPol
     sample_net = policy.replace(batch_threads=recipe.sample.batch_threads).for_sampling_net(
         model.net)
     return SampleJob(recipe, model, averager, sample_net, attrs, int(n), int(b), int(seed),
-                     raw_weights, keep_float, attrs["sampler_settings"]["evaluations_per_sample"],
-                     policy.device)
+                     raw_weights or exported, keep_float,
+                     attrs["sampler_settings"]["evaluations_per_sample"], policy.device)
 
 
 def _recipe(ckpt: Path, state: dict[str, Any], file_attrs: dict[str, Any],

@@ -20,7 +20,7 @@ from torch import Tensor
 from scoretk import assemble
 from scoretk.execution.distributed import Dist
 from scoretk.execution.policy import ExecutionPolicy
-from scoretk.files import Stopped
+from scoretk.files import Stopped, raise_if_stopped
 from scoretk.generation.job import SampleJob, resolve_job
 from scoretk.generation.preflight import check_resources
 from scoretk.generation.request import SampleRequest
@@ -56,6 +56,8 @@ def run_sampling(request: SampleRequest, registry: Registry,
         raise Stopped(getattr(exc, "signum", signal.SIGINT),
                       f"interrupted: {out} is valid and holds {SampleStore(out).num_written} "
                       f"samples; `scoretk sample --out {out} --resume` continues it") from None
+    finally:
+        store.close()  # rank 0 lets go of the file
     if dist.is_main:
         _report(job, out, start, time.perf_counter() - t0)
         _write_grid(out, request.grid, registry)
@@ -65,15 +67,19 @@ def run_sampling(request: SampleRequest, registry: Registry,
 def _open_store(out: Path, job: SampleJob, existing: SampleStore | None,
                 dist: Dist) -> SampleStore:
     """A new file, or the resumed one with any unrecorded rows dropped (rank 0 writes, after
-    every rank has checked it)."""
+    every rank has checked it). Rank 0's store holds the file's run lock until `close`: a
+    second run on it is refused; the other ranks append under that lock."""
     dist.barrier()
+    held = None
     if dist.is_main:
         if existing:
             existing.trim()
+            held = existing
         else:
-            SampleStore.create(out, job.model.shape, job.attrs, keep_float=job.keep_float)
+            held = SampleStore.create(out, job.model.shape, job.attrs,
+                                      keep_float=job.keep_float)
     dist.barrier()
-    return SampleStore(out)
+    return held or SampleStore(out)
 
 
 def _report(job: SampleJob, out: Path, start: int, elapsed: float) -> None:
@@ -109,6 +115,7 @@ def _generate(job: SampleJob, store: SampleStore, dist: Dist, registry: Registry
                     store.append(x, start=i0)
                 dist.barrier()
             bar.advance(min(start + (first + dist.world) * b, n))
+            raise_if_stopped()
 
 
 def _sample_batch(job: SampleJob, indices: range, data: Any, bar: "_Progress") -> Tensor:

@@ -139,7 +139,7 @@ def _steps(s: Session, data: Dataset, order: StepBatches, callbacks: list[Period
         for cb in due:
             cb(info)
         if info.stop == "signal":
-            raise Interrupted(signals.received[0] if signals.received else signal.SIGINT,
+            raise Interrupted(signals.pending() or signal.SIGINT,
                               f"interrupted at step {s.step}; checkpoint {s.last_checkpoint} "
                               "written; run the same command again to resume")
         if info.stop == "time":
@@ -151,7 +151,7 @@ def _steps(s: Session, data: Dataset, order: StepBatches, callbacks: list[Period
 
 def _stop_reason(signals: HeldSignals, deadline: float | None, dist) -> str | None:
     """Why the run stops after this step, if it does; every rank takes the same decision."""
-    stopping = bool(signals.received)
+    stopping = signals.pending() is not None
     out_of_time = deadline is not None and time.monotonic() > deadline
     if dist.world > 1:
         stopping, out_of_time = bool(dist.max_int(int(stopping))), \

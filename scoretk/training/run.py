@@ -67,7 +67,7 @@ class TrainingRun:
     def _lock(self) -> FileLock:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            return FileLock(self.dir.lock_file, f"run directory {self.path}").acquire()
+            return FileLock(self.dir.lock_file, f"{self.path}").acquire()
         except OSError as exc:
             raise RunDirError(f"{self.path}: cannot write to the run directory "
                               f"({exc.strerror or exc})") from None

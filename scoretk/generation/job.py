@@ -20,7 +20,7 @@ from scoretk.components import Averager
 from scoretk.execution.policy import ExecutionPolicy
 from scoretk.generation.request import SampleRequest
 from scoretk.interop.weights import SUFFIX, exported_weights_are_raw, load_exported
-from scoretk.recipe import SAMPLING_SECTIONS, Recipe, RecipeError, apply_overrides
+from scoretk.recipe import SAMPLING_SECTIONS, Recipe, RecipeError, with_overrides
 from scoretk.registry import Registry
 from scoretk.store import SampleStore, StoreError
 
@@ -115,7 +115,7 @@ def _recipe(ckpt: Path, state: dict[str, Any], file_attrs: dict[str, Any],
     if file_attrs:
         stored = json.loads(file_attrs["recipe"])
         raw.update({s: v for s, v in stored.items() if s in SAMPLING_SECTIONS})
-    return Recipe.from_dict(apply_overrides(raw, request.overrides), registry, source=str(ckpt))
+    return with_overrides(raw, request.overrides, registry, source=str(ckpt))
 
 
 def sampler_provenance(ckpt: Path, recipe: Recipe, model: assemble.Model) -> dict[str, Any]:

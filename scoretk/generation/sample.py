@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,9 @@ from torch import Tensor
 from scoretk import assemble
 from scoretk.execution.distributed import Dist
 from scoretk.execution.policy import ExecutionPolicy
+from scoretk.files import Stopped, raise_if_stopped
 from scoretk.generation.job import SampleJob, resolve_job
+from scoretk.generation.preflight import check_resources
 from scoretk.generation.request import SampleRequest
 from scoretk.registry import Registry
 from scoretk.rng import PerSampleNoise, derive_seed
@@ -43,16 +46,17 @@ def run_sampling(request: SampleRequest, registry: Registry,
                 print(f"{out}: already complete ({existing.num_written} samples)")
                 _write_grid(out, request.grid, registry)
             return out
+    check_resources(job, out, existing.num_written if existing else 0)
     store = _open_store(out, job, existing, dist)
     start, t0 = store.num_written, time.perf_counter()
     try:
         _generate(job, store, dist, registry)
-    except KeyboardInterrupt:
-        if dist.is_main:
-            print(f"\ninterrupted: {out} is valid and holds {SampleStore(out).num_written} "
-                  f"samples; `scoretk sample --out {out} --resume` continues it",
-                  file=sys.stderr)
-        raise
+    except KeyboardInterrupt as exc:
+        if not dist.is_main:
+            raise
+        raise Stopped(getattr(exc, "signum", signal.SIGINT),
+                      f"interrupted: {out} is valid and holds {SampleStore(out).num_written} "
+                      f"samples; `scoretk sample --out {out} --resume` continues it") from None
     finally:
         store.close()  # rank 0 lets go of the file
     if dist.is_main:
@@ -112,6 +116,7 @@ def _generate(job: SampleJob, store: SampleStore, dist: Dist, registry: Registry
                     store.append(x, start=i0)
                 dist.barrier()
             bar.advance(min(start + (first + dist.world) * b, n))
+            raise_if_stopped()
 
 
 def _sample_batch(job: SampleJob, indices: range, data: Any, bar: "_Progress") -> Tensor:

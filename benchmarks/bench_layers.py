@@ -17,6 +17,7 @@ import common  # noqa: I001  (puts the checkout on sys.path)
 import torch
 import torch.nn.functional as F
 
+from scoretk.execution.layout import in_preferred_layout
 from scoretk_plugins.nets import layers, ops, refinenet
 
 
@@ -62,8 +63,8 @@ CHANGES = {
           lambda self, x: F.conv2d(x, self.weight, self.bias, padding=self.padding,
                                    dilation=self.dilation))]),
     "channels_last inside": (
-        "the net runs channels_last on CPU and CUDA",
-        [("net", "layout", "input")]),
+        "the net runs channels_last on CPU and CUDA (the execution policy's layout)",
+        [("net", "prefers_channels_last", False)]),
 }
 
 
@@ -97,20 +98,20 @@ def main(argv: list[str] | None = None) -> dict:
     net = common.build_ncsnv2(reg, args.ngf, args.size, args.channels, 10, device)
     changes = dict(CHANGES)
     if args.nchw:
-        net.layout = "input"
+        net.prefers_channels_last = False
         del changes["channels_last inside"]
     x = torch.rand(args.batch, args.channels, args.size, args.size, device=device)
     sigma = torch.rand(args.batch, device=device) + 0.5
     level = torch.zeros(args.batch, dtype=torch.long, device=device)
     grad = torch.randn_like(x)
 
-    def forward():
+    def forward():  # the layout wrapper is made per call: the ablation switches it off
         with torch.no_grad():
-            net(x, sigma, level)
+            in_preferred_layout(net, device)(x, sigma, level)
 
     def train():
         net.zero_grad(set_to_none=True)
-        net(x, sigma, level).backward(grad)
+        in_preferred_layout(net, device)(x, sigma, level).backward(grad)
 
     configs = {"all on": []} | {f"without {k}": v[1] for k, v in changes.items()}
     fns = {}

@@ -19,7 +19,6 @@ from torch import nn
 
 from scoretk import assemble
 from scoretk.assemble import count_parameters
-from scoretk.execution.policy import ExecutionPolicy
 from scoretk.rng import PerSampleNoise
 
 
@@ -63,15 +62,16 @@ def ours(args, reg, device: torch.device, combo: str):
     options only this benchmark has."""
     opts = set(combo.split("+"))
     recipe = common.bench_recipe(args, reg, opts)
-    policy = ExecutionPolicy.for_training(recipe.train)
+    policy = common.bench_policy(recipe, opts)
     shape = (args.channels, args.size, args.size)
     torch.manual_seed(args.seed)
     model = assemble.build_model(recipe, reg, shape)
-    net = common.apply_layout(policy.place(model.net, shape).eval(), opts)
+    net = policy.place(model.net, shape).eval()
     averager = assemble.build_averager(recipe, reg, net)
     schedule, sampler = model.schedule, model.sampler
     schedule.sigmas = schedule.sigmas.to(device)
-    run_net = torch.compile(net) if "compile" in opts else policy.for_sampling_net(net)
+    run_net = torch.compile(policy.in_layout(net)) if "compile" in opts \
+        else policy.for_sampling_net(net)
     if "cuda_graphs" in opts:
         run_net = CUDAGraphNet(run_net)
     grad_mode = torch.inference_mode if "inference_mode" in opts else torch.no_grad

@@ -142,25 +142,34 @@ def load_run(run_dir: str, device: torch.device) -> tuple[Any, Any, Any]:
 
 def bench_run(run_dir: str, budgets: list[int], kinds: list[str], batch: int,
               device: torch.device, limit: int | None = None) -> list[list[str]]:
-    from scoretk.evaluation.evaluate import evaluate, reference_data
+    """Each sampler's samples from a trained run, scored by `scoretk evaluate`'s figures in
+    pixel space against the training split, beside held-out real data of the same size."""
+    from scoretk.evaluation.evaluate import Settings, evaluate
+    from scoretk.evaluation.sources import real_sources, tensor_source
+    from scoretk_plugins.features import PixelFeatures
 
     recipe, model, step = load_run(run_dir, device)
-    train, _, held, _ = reference_data(recipe.dump()["data"], registry())
-    held = held[:limit]
-    n, sig = len(held), model.schedule.sigmas.tolist()
+    n = limit or 1000
+    reference, held = real_sources(recipe.dump()["data"], registry(), 50_000, n)
+    n, sig = held.length, model.schedule.sigmas.tolist()
     print(f"\nrun {run_dir}: step {step}, {model.schedule.num_levels} levels "
           f"(sigma {sig[0]:.3g} -> {sig[-1]:.3g}), {n} samples per row against {n} held-out")
-    real = evaluate(held, train, held)["real"]
+
+    def score(samples) -> dict:
+        return evaluate(samples, reference, held, {"pixels": PixelFeatures()},
+                        settings=Settings(kid_subsets=10))
+
+    real = score(held)["heldout"]
     rows = [["held-out real", "", "", f"{real['precision']:.3f}", f"{real['recall']:.3f}",
-             f"{real['fd']:.3f}", ""]]
+             f"{real['fid']:.3f}", ""]]
 
     def do(kind: str, budget: int) -> list[str]:
         params, levels = configs(kind, budget, model.schedule.num_levels)
         sched = model.schedule if levels is None else GeometricSchedule(sig[0], sig[-1], levels)
         x, nfe, secs = run(kind, params, model.net, sched, model.shape, n, batch, None, device)
-        res = evaluate(x.clamp(0, 1), train, held)["samples"]
+        res = score(tensor_source(x.clamp(0, 1)))
         return [kind, _params_text(params, levels), str(nfe), f"{res['precision']:.3f}",
-                f"{res['recall']:.3f}", f"{res['fd']:.3f}", f"{secs:.0f}"]
+                f"{res['recall']:.3f}", f"{res['fid']:.3f}", f"{secs:.0f}"]
 
     return rows + sweep(budgets, kinds, do, 7)
 
@@ -194,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[list[str]]]:
                 out["mixture"]))
     if args.run:
         out["run"] = bench_run(args.run, budgets, kinds, args.batch, device, args.run_n)
-        print(table(["sampler", "settings", "NFE", "precision", "recall", "Frechet", "s"],
+        print(table(["sampler", "settings", "NFE", "precision", "recall", "FID (pixels)", "s"],
                     out["run"]))
     return out
 

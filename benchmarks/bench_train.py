@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from scoretk.assemble import count_parameters
-from scoretk.execution.policy import ExecutionPolicy
 from scoretk.rng import derive_seed, generator
 from scoretk.training.builder import build_trainer
 
@@ -26,10 +25,9 @@ def ours(args, reg, device: torch.device, combo: str):
     options in `combo` as the recipe's train settings."""
     opts = set(combo.split("+"))
     recipe = common.bench_recipe(args, reg, opts)
-    policy = ExecutionPolicy.for_training(recipe.train)
+    policy = common.bench_policy(recipe, opts)
     shape = (args.channels, args.size, args.size)
     trainer = build_trainer(recipe, reg, shape, policy)
-    common.apply_layout(trainer.net, opts)
     x = policy.as_input(torch.rand(args.batch, *shape, device=device))
     state = {"step": 0}
 

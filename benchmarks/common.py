@@ -224,12 +224,13 @@ def bench_recipe(args, reg, opts: set[str]):
     }, reg, source="benchmark")
 
 
-def apply_layout(net: torch.nn.Module, opts: set[str]) -> torch.nn.Module:
-    """'nchw': make the RefineNet run in the input's (NCHW) layout instead of its default,
-    channels_last on CPU and CUDA."""
-    if "nchw" in opts:
-        net.layout = "input"
-    return net
+def bench_policy(recipe, opts: set[str]):
+    """The execution policy `scoretk train` would use for the recipe; 'nchw' runs the net in
+    its input's NCHW layout instead of the channels_last it prefers on CPU and CUDA."""
+    from scoretk.execution.policy import ExecutionPolicy
+
+    policy = ExecutionPolicy.for_training(recipe.train)
+    return policy.replace(layout="input") if "nchw" in opts else policy
 
 
 # ---------------------------------------------------------------------------- the reference

@@ -22,12 +22,14 @@ SMALL = {
                         "--steps", "2", "--repeats", "3"],
     "bench_store.py": ["--counts", "1000,10000,100000"],
     "bench_startup.py": ["--repeats", "5"],
+    "bench_features.py": ["--batch", "10", "--repeats", "2", "--metrics-n", "1000"],
 }
 FULL = {
     "bench_train.py": ["--repeats", "5"],
     "bench_sample.py": ["--repeats", "3"],
     "bench_store.py": ["--counts", "1000,10000,100000"],
     "bench_startup.py": ["--repeats", "5"],
+    "bench_features.py": ["--repeats", "3", "--metrics-n", "10000"],
 }
 GPU = {  # --full --device cuda: the GPU tables' setting, NCSNv2 ngf 128, 32 px, batch 128
     "bench_train.py": ["--ngf", "128", "--batch", "128", "--steps", "10", "--repeats", "5",
@@ -36,6 +38,7 @@ GPU = {  # --full --device cuda: the GPU tables' setting, NCSNv2 ngf 128, 32 px,
                         "--repeats", "5", "--options", "all"],
     "bench_store.py": FULL["bench_store.py"],
     "bench_startup.py": FULL["bench_startup.py"],
+    "bench_features.py": FULL["bench_features.py"],
 }
 
 
@@ -55,7 +58,7 @@ def main() -> int:
         cmd = [sys.executable, str(HERE / script), *extra]
         if args.reference and script in ("bench_train.py", "bench_sample.py"):
             cmd += ["--reference", args.reference]
-        if args.device and script in ("bench_train.py", "bench_sample.py"):
+        if args.device and script in ("bench_train.py", "bench_sample.py", "bench_features.py"):
             cmd += ["--device", args.device]
         print(f"\n$ {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()

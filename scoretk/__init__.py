@@ -4,5 +4,5 @@ Kept free of heavy imports so `scoretk --help` starts fast; torch loads with the
 """
 from scoretk.hooks import hookimpl
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["hookimpl", "__version__"]

@@ -2,11 +2,14 @@
 
 Heavy modules (torch, the plugins) are imported inside commands, so `scoretk --help` and
 `--version` start instantly. Expected failures print one line and exit with status 2;
-`--debug` shows the traceback instead.
+`--debug` shows the traceback instead. `train` and `sample` stop on SIGINT/SIGTERM with a
+message and status 130/143, whatever they are doing when the signal comes.
 """
 from __future__ import annotations
 
+import errno
 import functools
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -14,22 +17,34 @@ from typing import Any, Callable
 import click
 
 from scoretk import __version__
+from scoretk.files import HeldSignals, LockedError, Stopped
 
 USAGE_ERROR = 2
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                      errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
+"""Errors of the file system a user can fix (disk full, read-only, no permission): one line."""
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from scoretk.assemble import ComponentError
     from scoretk.checkpoint import CheckpointError
     from scoretk.data import DataError
+    from scoretk.evaluation.sources import EvaluationError
     from scoretk.execution.distributed import DeviceError
     from scoretk.pictures import PictureError
     from scoretk.recipe import RecipeError
     from scoretk.registry import RegistryError
     from scoretk.store import StoreError
+    from scoretk.weights import WeightsError
 
     return (RecipeError, RegistryError, CheckpointError, DataError, ComponentError, StoreError,
-            DeviceError, PictureError, FileExistsError, FileNotFoundError)
+            DeviceError, PictureError, EvaluationError, WeightsError, LockedError,
+            FileExistsError, FileNotFoundError)
+
+
+def _is_expected(exc: Exception) -> bool:
+    return isinstance(exc, _expected_errors()) or (
+        isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS and bool(exc.filename))
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -42,10 +57,32 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except click.exceptions.Exit:
             raise
         except Exception as exc:
-            if _debug() or not isinstance(exc, _expected_errors()):
+            if _debug() or not _is_expected(exc):
                 raise
-            click.echo(f"error: {exc}", err=True)
+            text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and \
+                exc.filename and exc.strerror else exc
+            click.echo(f"error: {text}", err=True)
             sys.exit(USAGE_ERROR)
+
+    return wrapper
+
+
+def stops_on_signals(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """SIGINT and SIGTERM end the command from its first line on: its message (training's
+    says which checkpoint was written, sampling's how far the file got) and status 128 +
+    signal (130, 143). Loops that finish a step first hold the signals inside this."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with HeldSignals(hold=0):
+            try:
+                return fn(*args, **kwargs)
+            except Stopped as exc:
+                click.echo(f"\n{exc}", err=True)
+                sys.exit(exc.exit_status)
+            except KeyboardInterrupt:  # a handler other than ours raised it
+                click.echo("\ninterrupted", err=True)
+                sys.exit(128 + signal.SIGINT)
 
     return wrapper
 
@@ -82,7 +119,7 @@ def _load(recipe_path: str, overrides: tuple[str, ...]):
 
 
 recipe_argument = click.argument("recipe_path", metavar="RECIPE",
-                                 type=click.Path(dir_okay=False))
+                                 type=click.Path(dir_okay=False, readable=False))
 
 override_option = click.option(
     "-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -103,20 +140,18 @@ def main(ctx: click.Context, debug: bool) -> None:
 @override_option
 @click.option("--restart", is_flag=True, help="Start over even if the run has checkpoints.")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Default: runs/<recipe name>.")
+@stops_on_signals
 @friendly_errors
 def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
           run_dir: str | None) -> None:
     """Train the recipe; resumes its run directory's latest checkpoint unless --restart."""
     from scoretk.execution.policy import ExecutionPolicy
-    from scoretk.training import Interrupted, TrainingError, train as run_training
+    from scoretk.training import TrainingError, train as run_training
 
     recipe = _load(recipe_path, overrides)
     policy = ExecutionPolicy.for_training(recipe.train).setup_process()
     try:
         run_training(recipe, _registry(), run_dir=run_dir, restart=restart, policy=policy)
-    except Interrupted as exc:
-        click.echo(f"\n{exc}", err=True)
-        sys.exit(130)
     except TrainingError as exc:
         if _debug():
             raise
@@ -127,10 +162,10 @@ def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
 
 
 model_options = [
-    click.option("--run", "run_dir", type=click.Path(),
+    click.option("--run", "run_dir", type=click.Path(readable=False),
                  help="Run directory (its latest checkpoint)."),
-    click.option("--checkpoint", type=click.Path(), help="A checkpoint file."),
-    click.option("--recipe", type=click.Path(dir_okay=False),
+    click.option("--checkpoint", type=click.Path(readable=False), help="A checkpoint file."),
+    click.option("--recipe", type=click.Path(dir_okay=False, readable=False),
                  help="A recipe whose net has no trainable parameters (an exact score): no "
                  "checkpoint needed."),
 ]
@@ -169,6 +204,7 @@ def with_options(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
 @click.option("--interpolate", type=int, metavar="K",
               help="Groups of K samples moving smoothly from one to another.")
 @override_option
+@stops_on_signals
 @friendly_errors
 def sample(**options: Any) -> None:
     """Generate samples into an HDF5 file, batch by batch (resumable), optionally inpainting,
@@ -201,6 +237,7 @@ def sample(**options: Any) -> None:
 @click.option("--raw-weights", is_flag=True, help="Use the raw, not the averaged, weights.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda", "mps"]))
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@stops_on_signals
 @friendly_errors
 def likelihood(as_json: bool, run_dir: str | None, checkpoint: str | None,
                recipe: str | None, **options: Any) -> None:
@@ -293,6 +330,45 @@ def export(run_dir: str | None, checkpoint: str | None, out: str, raw_weights: b
 
 
 @main.command()
+@click.argument("samples_path", metavar="SAMPLES.h5", type=click.Path(dir_okay=False))
+@click.option("--against", metavar="REF.h5|RECIPE",
+              help="Real data: an HDF5 file with a 'samples' dataset, or a recipe whose data "
+              "block gives the data (then held-out data too). Default: the recipe stored in "
+              "SAMPLES.h5.")
+@click.option("--features", "feature_names", multiple=True, metavar="NAME",
+              help="Feature space, repeatable (see `scoretk plugins`). Default: inception_v3 "
+              "for images, pixels for vectors.")
+@click.option("--feature-weights", type=click.Path(dir_okay=False),
+              help="Weights file for the feature extractor (checked by SHA-256).")
+@click.option("-n", "--num-samples", type=click.IntRange(min=1),
+              help="Score the first N samples (default: all written).")
+@click.option("--num-reference", type=click.IntRange(min=2), default=50_000, show_default=True,
+              help="Reference items taken from a recipe's training data.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the fixed subsets (reference, held-out, KID subsets).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--require", "requirements", multiple=True, metavar="[SPACE.]METRIC>=X",
+              help="Threshold that must hold, e.g. precision>=0.8, 'fid<=heldout*1.5', "
+              "pixels.recall>=heldout-0.2 (repeatable); exit status 1 when one fails.")
+@override_option
+@friendly_errors
+def evaluate(samples_path: str, as_json: bool, **kwargs: Any) -> None:
+    """Score samples against real data: FID, KID, precision/recall, density/coverage, IS."""
+    import json
+
+    from scoretk.evaluation import evaluate_file, format_report
+
+    result = evaluate_file(samples_path, _registry(), **kwargs)
+    for warning in result["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(json.dumps(result, indent=1) if as_json else format_report(result))
+    if not result["pass"]:
+        sys.exit(1)
+
+
+@main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--grid", type=click.Path(dir_okay=False),
               help="Write a PNG: images beside real ones, or 2-D points over the data.")
@@ -300,8 +376,11 @@ def export(run_dir: str | None, checkpoint: str | None, out: str, raw_weights: b
 @friendly_errors
 def inspect(file: str, grid: str | None, count: int | None) -> None:
     """Show what an HDF5 sample file holds."""
+    from scoretk.pictures import check_png_path
     from scoretk.store import describe
 
+    if grid:
+        check_png_path(grid, "--grid")
     click.echo(describe(file))
     if grid:
         _sample_picture(file, grid, count)

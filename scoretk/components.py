@@ -1,7 +1,8 @@
 """The interfaces a plugin implements: one small abstract class per component kind.
 
 The core programs against these and nothing else, so a third-party schedule, net, loss,
-sampler, averager or dataset drops in by name without the core knowing what it is.
+sampler, averager, dataset or feature extractor drops in by name without the core knowing
+what it is.
 """
 from __future__ import annotations
 
@@ -57,6 +58,11 @@ class ScoreNet(nn.Module):
     batch_independent: bool = False
     """True if each sample's output depends on that sample alone (no batch norm). Such nets
     may have their batches split across CPU threads (`scoretk.execution.batch_threads`)."""
+
+    prefers_channels_last: bool = False
+    """True if the net's layers run faster on channels_last activations (CPU and CUDA): the
+    execution policy then calls it with channels_last inputs and hands back the caller's
+    layout (`scoretk.execution.layout`)."""
 
     accepts_any_sigma: bool = True
     """False for nets that know only the schedule's L levels (NCSN v1 reads `level` alone):
@@ -173,3 +179,33 @@ class Dataset(ABC):
     def batch(self, indices: Tensor) -> Tensor:
         """Items stacked; in-memory datasets override this with one indexing operation."""
         return torch.stack([self[int(i)] for i in indices])
+
+
+class FeatureExtractor(ABC):
+    """Maps a batch to the feature space in which sample quality is measured (FID, KID,
+    precision/recall, ...): Inception pool3, raw pixels, or a third party's DINOv2 or CLIP.
+
+    Input is in the [0, 1] convention: images (B, C, H, W) already quantised to the 256 levels a
+    sample file stores (samples and real data are treated alike), or vectors (B, D).
+    """
+
+    @property
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """Everything that makes two feature sets comparable (name, weights hash, input
+        protocol). Cached reference features are keyed by it, so it must change whenever
+        the features would."""
+
+    @abstractmethod
+    def __call__(self, x: Tensor) -> Tensor:
+        """Features (B, D) float32 on the CPU; ValueError (one line) for input it cannot
+        take, which the evaluation reports naming the extractor."""
+
+    def class_logits(self, features: Tensor) -> Tensor | None:
+        """Classifier logits computed from features (for the Inception Score); None when the
+        extractor has no classifier."""
+        return None
+
+    def describe(self) -> str:
+        """One line for reports: what the features are and where the weights came from."""
+        return self.fingerprint

@@ -147,9 +147,12 @@ def plain_sections() -> dict[str, type[BaseModel]]:
 
 
 def component_entry(comp: Component) -> Entry:
-    """Titled as a recipe would name it: `net: {kind: mlp}  (net from plugin nets)`."""
-    title = (f"{section_of(comp.kind)}: {{kind: {comp.name}}}  "
-             f"({comp.kind} from plugin {comp.plugin})")
+    """Titled as a recipe would name it: `net: {kind: mlp}  (net from plugin nets)`; kinds
+    outside recipes (feature extractors) as the command line names them."""
+    section = section_of(comp.kind)
+    chosen_by = (f"{section}: {{kind: {comp.name}}}" if section is not None
+                 else f"{comp.kind}: {comp.name}")
+    title = f"{chosen_by}  ({comp.kind} from plugin {comp.plugin})"
     return Entry(comp.name, comp.kind, title, comp.description, param_docs(comp.params))
 
 
@@ -163,8 +166,10 @@ def section_entry(section: str) -> Entry:
     return Entry(section, "", f"section {section}", summary, param_docs(model))
 
 
-def section_of(kind: str) -> str:
-    return next(s for s, k in COMPONENT_SECTIONS.items() if k == kind)
+def section_of(kind: str) -> str | None:
+    """The recipe section that chooses a component of this kind (None: chosen by a command
+    option, as `evaluate --features` chooses a feature extractor)."""
+    return next((s for s, k in COMPONENT_SECTIONS.items() if k == kind), None)
 
 
 def select(registry: Registry, what: str, name: str | None = None) -> list[Entry]:
@@ -202,7 +207,8 @@ def overview(registry: Registry) -> str:
     """The kinds, their recipe sections, interfaces and components; then the plain sections."""
     rows = [("section", "kind", "interface", "components")]
     for kind, interface in KINDS.items():
-        rows.append((section_of(kind), kind, interface, ", ".join(registry.names(kind)) or "-"))
+        rows.append((section_of(kind) or "(option)", kind, interface,
+                     ", ".join(registry.names(kind)) or "-"))
     for section in plain_sections():
         rows.append((section, "-", "-", "(settings: `scoretk describe " + section + "`)"))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
@@ -240,7 +246,9 @@ def markdown(registry: Registry) -> str:
     tables, then the plain sections."""
     out = []
     for kind, interface in KINDS.items():
-        out.append(f"#### `{section_of(kind)}` (kind `{kind}`, interface `{interface}`)\n")
+        section = section_of(kind)
+        chosen_by = f"`{section}`" if section else "`scoretk evaluate --features`"
+        out.append(f"#### {chosen_by} (kind `{kind}`, interface `{interface}`)\n")
         out.append(as_markdown(select(registry, kind)))
     for section in ["recipe", *plain_sections()]:
         out.append("#### top-level fields\n" if section == "recipe" else f"#### `{section}`\n")

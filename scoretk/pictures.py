@@ -50,6 +50,9 @@ def new_figure(**kwargs: Any):
 def check_png_path(path: str | Path, option: str) -> Path:
     """Fail before any work if the picture could not be written there."""
     path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise PictureError(f"{option} {path}: pictures are written as PNG; give a file name "
+                           "ending in .png")
     if path.is_dir():
         raise PictureError(f"{option} {path}: is a directory, expected a file name")
     if not path.parent.is_dir():

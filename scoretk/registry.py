@@ -19,6 +19,7 @@ KINDS: dict[str, str] = {
     "loss": "Loss",
     "sampler": "Sampler",
     "averager": "Averager",
+    "features": "FeatureExtractor",
 }
 """Component kinds and the interface (in `scoretk.components`) each implements."""
 

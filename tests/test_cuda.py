@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from scoretk.checkpoint import load_checkpoint
+from scoretk.execution.layout import ChannelsLast, in_preferred_layout
 from scoretk.cli import main
 from scoretk.plugins import default_registry
 from scoretk.recipe import OptimConfig, Recipe
@@ -77,16 +78,15 @@ def test_nets_on_cuda_agree_with_the_cpu(kind, layout):
     NCHW in and out), plain NCHW throughout, channels_last weights and input."""
     net = _net(kind)
     x, sigma, level = _inputs()
-    cpu = copy.deepcopy(net)
-    cpu.layout = "input"
-    expected = _run(cpu, x, sigma, level)
+    expected = _run(copy.deepcopy(net), x, sigma, level)
     gpu = copy.deepcopy(net).to(CUDA)
     xg, sg, lg = _to(CUDA, x, sigma, level)
     if layout == "channels_last":
         gpu = gpu.to(memory_format=torch.channels_last)
         xg = xg.contiguous(memory_format=torch.channels_last)
-    else:
-        gpu.layout = layout
+    elif layout == "auto":
+        gpu = in_preferred_layout(gpu, CUDA)
+        assert isinstance(gpu, ChannelsLast)
     got = _run(gpu, xg, sg, lg)
     _compare(got, expected, f"cuda, layout {layout}")
     assert got[0].is_cuda and got[0].is_contiguous(

@@ -203,3 +203,25 @@ def test_one_channel_is_refused_by_the_function():
     x, p = torch.randn(2, 1, 4, 4), torch.ones(1, 1)
     with pytest.raises(ValueError, match="at least 2 channels"):
         ops.instance_norm_pp(x, p, p, p)
+
+
+def test_weights_saved_for_the_papers_formula_warn_when_loaded(tmp_path):
+    """scoretk 0.1's norms computed the paper's formula and saved state-dict version 1: such
+    weights still load, with a warning that the net is now another function. Weights saved
+    now (version 2) and weights without a version (imports, safetensors) load silently."""
+    import warnings
+
+    from scoretk.checkpoint import load_checkpoint, save_checkpoint
+    from scoretk_plugins.nets.layers import CondInstanceNormPP, InstanceNormPP
+
+    for norm in (InstanceNormPP(4), CondInstanceNormPP(4, num_levels=3)):
+        path = tmp_path / "ckpt.pt"
+        save_checkpoint({"model": norm.state_dict()}, path)
+        saved = load_checkpoint(path)["model"]  # weights-only loading keeps the versions
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            norm.load_state_dict(saved)
+            norm.load_state_dict(dict(saved))  # no metadata at all
+        saved._metadata[""]["version"] = 1
+        with pytest.warns(UserWarning, match="saved by scoretk 0.1"):
+            norm.load_state_dict(saved)

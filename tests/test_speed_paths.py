@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scoretk.execution.layout import ChannelsLast, in_preferred_layout
 from scoretk_plugins.nets import layers, ops, refinenet
 from scoretk_plugins.nets.layers import (CRP, ELU, ConvMeanPool, CondInstanceNormPP,
                                          InstanceNormPP, NoNorm, ResidualBlock)
@@ -246,7 +247,8 @@ def _run(net, x, sigma, level):
     net.zero_grad(set_to_none=True)
     out = net(x, sigma, level)
     (out * torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)).sum().backward()
-    grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in net.named_parameters()}
+    grads = {n.removeprefix("_orig_mod.").removeprefix("net."): p.grad.clone()
+             for n, p in net.named_parameters()}
     return out.detach(), x.grad, grads
 
 
@@ -266,14 +268,14 @@ def _compare(a, b, what):
 
 @pytest.mark.parametrize("kind", ["ncsnv2", "ncsn"])
 def test_layouts_agree_with_nchw(kind):
-    """The default CPU layout (channels_last inside) and channels_last weights and inputs agree
-    with the net run in plain NCHW, and hand back the input's layout."""
+    """The layout the execution policy gives on CPU (channels_last inside, NCHW in and out) and
+    channels_last weights and inputs agree with the net run in plain NCHW, and hand back the
+    input's layout."""
     net = _net(kind)
     x, sigma, level = _inputs()
-    nchw = copy.deepcopy(net)
-    nchw.layout = "input"
-    base = _run(nchw, x, sigma, level)
-    auto = _run(net, x, sigma, level)
+    assert isinstance(in_preferred_layout(net, torch.device("cpu")), ChannelsLast)
+    base = _run(copy.deepcopy(net), x, sigma, level)
+    auto = _run(ChannelsLast(net), x, sigma, level)
     _compare(auto, base, "auto layout")
     assert auto[0].is_contiguous()
     cl_net = copy.deepcopy(net).to(memory_format=torch.channels_last)
@@ -288,9 +290,8 @@ def test_fast_layers_agree_with_plain_formulas(monkeypatch):
     ELU, conv + mean pool, NCHW) and compare the whole net, outputs and gradients."""
     net = _net("ncsnv2")
     x, sigma, level = _inputs()
-    fast = _run(net, x, sigma, level)
+    fast = _run(ChannelsLast(net), x, sigma, level)
     plain_net = copy.deepcopy(net)
-    plain_net.layout = "input"
     monkeypatch.setattr(layers, "instance_norm_pp",
                         lambda *t, elu_alpha=None: instance_norm_pp_reference(*t))
     unfused = lambda norm, act, t, level: act(norm(t, level))  # noqa: E731

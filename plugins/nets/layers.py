@@ -7,6 +7,7 @@ norm at all inside v2's RefineNet blocks). So one set of blocks builds both nets
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Literal, Sequence
 
 import torch
@@ -60,7 +61,23 @@ def _check_norm_channels(dim: int) -> None:
                          "variance of the channel means is undefined for one)")
 
 
-class InstanceNormPP(nn.Module):
+class _ReleasedFormula(nn.Module):
+    """The state-dict version of the InstanceNorm++ modules: 2 since they compute the released
+    code's formula (docs/theory.md#instancenorm). scoretk 0.1 saved version 1, the paper's
+    formula: the same parameters, another function, so loading such weights warns."""
+
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args) -> None:
+        if local_metadata.get("version") == 1:
+            warnings.warn(f"{prefix.rstrip('.') or 'net'}: InstanceNorm++ weights saved by "
+                          "scoretk 0.1, which computed the paper's formula; this version "
+                          "computes the released code's, so the loaded net is not the function "
+                          "it was trained as: retrain it", stacklevel=2)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+class InstanceNormPP(_ReleasedFormula):
     """Unconditional InstanceNorm++ (NCSNv2): one (gamma, alpha, beta); ignores `level`."""
 
     fuses_elu = True  # forward(..., elu_alpha=a) returns ELU(norm(x)) in one op
@@ -78,7 +95,7 @@ class InstanceNormPP(nn.Module):
                                 elu_alpha=elu_alpha)
 
 
-class CondInstanceNormPP(nn.Module):
+class CondInstanceNormPP(_ReleasedFormula):
     """Conditional InstanceNorm++ (NCSN v1): a row of (gamma, alpha, beta) per noise level,
     stored as one L x 3C embedding, so the parameter count grows linearly in L."""
 

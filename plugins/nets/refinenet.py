@@ -8,9 +8,8 @@ output by sigma (NCSNv2 technique 3), so its size does not depend on the number 
 from __future__ import annotations
 
 from functools import partial
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
-import torch
 from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
@@ -53,6 +52,9 @@ class RefineNet(ScoreNet):
     """
 
     batch_independent = True  # instance norms only
+    prefers_channels_last = True
+    """Its convolutions, pooling and upsampling run faster on channels_last activations on
+    CPU and CUDA (cuDNN's convolutions are NHWC inside); the execution policy runs it so."""
 
     def __init__(self, channels: int, ngf: int, stages: tuple[Stage, ...], *,
                  conditional: bool, num_levels: int = 1):
@@ -78,30 +80,8 @@ class RefineNet(ScoreNet):
         self.norm, self.act = norm(ngf), ELU()
         self.end = nn.Conv2d(ngf, channels, 3, padding=1)
 
-    layout: Literal["auto", "channels_last", "input"] = "auto"
-    """Memory format the layers run in. 'auto': channels_last on CPU and CUDA, or when the
-    weights are channels_last (`net.to(memory_format=torch.channels_last)`), else the input's
-    format. On CPU, PyTorch's kernels for these convs, pools and the 3-channel output conv
-    are faster there; on CUDA, cuDNN's convolutions are NHWC inside (an NCHW net pays two
-    transposes per convolution) and so is the fast bilinear upsampling: an NCSNv2 training
-    step runs 1.25x faster, sampling 1.47x (ngf 128, batch 128, H100). The output always
-    comes back in the input's format; the values agree to float rounding."""
-
-    def _internal_format(self, x: Tensor) -> torch.memory_format | None:
-        if self.layout == "input" or x.dim() != 4:
-            return None
-        if self.layout == "channels_last" or x.device.type in ("cpu", "cuda") \
-                or self.begin.weight.is_contiguous(memory_format=torch.channels_last):
-            return torch.channels_last
-        return None
-
     def forward(self, x: Tensor, sigma: Tensor, level: Tensor) -> Tensor:
         cond = level if self.conditional else None
-        fmt = self._internal_format(x)
-        in_fmt = torch.channels_last if fmt is not None and x.is_contiguous(
-            memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
-        if fmt is not None:
-            x = x.contiguous(memory_format=fmt)
         h = self.begin(2 * x - 1)
         skips = []
         for blocks in self.encoder:
@@ -114,7 +94,7 @@ class RefineNet(ScoreNet):
         out = self.end(norm_act(self.norm, self.act, h, cond))
         if not self.conditional:
             out = out / sigma.to(out.dtype).view(-1, *(1,) * (out.ndim - 1))
-        return out.contiguous(memory_format=in_fmt) if fmt is not None else out
+        return out
 
 
 class NCSNParams(Params):

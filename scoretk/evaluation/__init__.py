@@ -1,5 +1,7 @@
-"""Evaluation: sample quality against real data."""
-from scoretk.evaluation.evaluate import (evaluate, format_report, frechet_distance, main,
-                                         precision_recall)
+"""Evaluation: sample quality against real data, in standard feature spaces."""
+from scoretk.evaluation.evaluate import (Settings, evaluate, evaluate_file, figures,
+                                         format_report, score_space)
+from scoretk.evaluation.sources import EvaluationError, file_source, tensor_source
 
-__all__ = ["evaluate", "format_report", "frechet_distance", "main", "precision_recall"]
+__all__ = ["EvaluationError", "Settings", "evaluate", "evaluate_file", "figures", "file_source",
+           "format_report", "score_space", "tensor_source"]

@@ -1,268 +1,256 @@
-"""Sample quality against real data, always beside the same figure for held-out real data.
+"""Sample quality against real data, in standard feature spaces, beside held-out real data.
 
-`python -m scoretk.evaluation samples.h5` rebuilds the recipe's dataset, splits it into training
-and held-out real data, and scores the samples and the held-out set against the training set:
-k-NN precision/recall (Kynkäänniemi et al. 2019), a Fréchet distance, and the class histogram
-of a k-NN classifier on the training set. A number alone means little on tiny data; the
-held-out row says what a perfect generator would score at the same N.
+`scoretk evaluate SAMPLES.h5 --against (REF.h5 | RECIPE)` scores the samples in each feature
+space asked for, all against the whole reference set: FID, KID, k-NN precision, recall, density
+and coverage, the Inception Score where the extractor has a classifier, and, for labelled data,
+the classes a k-NN classifier finds. Against a recipe, held-out real data of the same size gets
+the same figures: what a perfect generator would score at this N (the k-NN figures and FID
+depend on N, so a figure means little without it).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterable
 
-import numpy as np
-import torch
+import h5py
+from pydantic import ValidationError
 from torch import Tensor
 
-from scoretk.data import DataParams
+from scoretk.components import FeatureExtractor
+from scoretk.evaluation.features import cached_extract, extract
+from scoretk.evaluation.metrics import (K_NEIGHBOURS, KID_SUBSET_SIZE, KID_SUBSETS,
+                                        GaussianStats, class_histogram, frechet_distance,
+                                        gaussian_stats, inception_score, kernel_distance,
+                                        knn_classify, knn_radii, manifold_metrics)
+from scoretk.evaluation.requirements import Requirement, parse_requirement
+from scoretk.evaluation.sources import (EvaluationError, Source, file_source, real_sources,
+                                        stored_recipe)
 from scoretk.registry import Registry
 
-PR_TOLERANCE = 0.2
-MAX_REFERENCE = 10000
-"""Cap on real items used (pairwise distances, classifier training); a fixed random subset."""
+DEFAULT_NUM_REFERENCE = 50_000
+"""Reference items (the size of CIFAR-10's training set, against which papers report FID)."""
+FID_COMPARABLE_N = 10_000
 
 
-# --- metrics ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Settings:
+    """How an evaluation runs: feature batch size, the seed of the KID subsets, and their
+    number."""
 
-def _flat(x: np.ndarray | Tensor) -> Tensor:
-    x = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x)
-    return x.detach().reshape(len(x), -1).to(torch.float64)
-
-
-def _chunked_cdist(a: Tensor, b: Tensor, fn, chunk: int = 1024) -> Tensor:
-    """fn(distances of a chunk of rows of a to all of b) per chunk, concatenated (bounded memory)."""
-    return torch.cat([fn(torch.cdist(a[i:i + chunk], b)) for i in range(0, len(a), chunk)])
+    batch_size: int = 50
+    seed: int = 0
+    kid_subsets: int = KID_SUBSETS
 
 
-def knn_radii(x: Tensor, k: int = 3) -> Tensor:
-    """Distance from each point to its k-th nearest neighbour in the same set (self excluded)."""
-    return _chunked_cdist(x, x, lambda d: d.topk(k + 1, dim=1, largest=False).values[:, k])
+@dataclass(frozen=True)
+class RealFeatures:
+    """Reference features and what every figure against them reuses: their Gaussian
+    statistics and each item's k-NN radius."""
+
+    features: Tensor
+    labels: Tensor | None
+    stats: GaussianStats
+    radii: Tensor
 
 
-def manifold_coverage(query: Tensor, support: Tensor, radii: Tensor) -> float:
-    """Fraction of `query` inside the union of balls (support_i, radii_i)."""
-    inside = _chunked_cdist(query, support, lambda d: (d <= radii[None]).any(1))
-    return float(inside.double().mean())
+def real_features(features: Tensor, labels: Tensor | None) -> RealFeatures:
+    return RealFeatures(features, labels, gaussian_stats(features),
+                        knn_radii(features, K_NEIGHBOURS))
 
 
-def precision_recall(fake: Tensor, real: Tensor, k: int = 3,
-                     real_radii: Tensor | None = None) -> tuple[float, float]:
-    """Improved precision (fake within the real manifold) and recall (real within the fake
-    manifold), manifolds being k-NN balls (Kynkäänniemi et al. 2019). Pass `real_radii`
-    (from `knn_radii(real, k)`) to reuse them across several fake sets."""
-    fake, real = _flat(fake), _flat(real)
-    if real_radii is None:
-        real_radii = knn_radii(real, k)
-    precision = manifold_coverage(fake, real, real_radii)
-    recall = manifold_coverage(real, fake, knn_radii(fake, k))
-    return precision, recall
-
-
-def frechet_distance(a: np.ndarray | Tensor, b: np.ndarray | Tensor) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) between fitted Gaussians.
-
-    The trace of the matrix square root is taken from the eigenvalues of the symmetric
-    S_a^1/2 S_b S_a^1/2 (same value as scipy's sqrtm, but stable for singular covariances)."""
-    a, b = _flat(a).numpy(), _flat(b).numpy()
-    mu = a.mean(0) - b.mean(0)
-    sa, sb = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    w, v = np.linalg.eigh(sa)
-    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ sb @ root_a), 0, None)).sum()
-    return float(mu @ mu + np.trace(sa) + np.trace(sb) - 2 * cross)
-
-
-def knn_classify(query: Tensor, train: Tensor, labels: Tensor, k: int = 5) -> Tensor:
-    """Majority vote of the k nearest training items (ties go to the nearest one's class):
-    no training step, and on the digits as accurate as a linear classifier."""
-    num_classes = int(labels.max()) + 1
-    nn_idx = _chunked_cdist(_flat(query), _flat(train),
-                            lambda d: d.topk(min(k, d.shape[1]), dim=1, largest=False).indices)
-    votes = torch.nn.functional.one_hot(labels[nn_idx], num_classes).sum(1).double()
-    votes[torch.arange(len(nn_idx)), labels[nn_idx[:, 0]]] += 0.5
-    return votes.argmax(1)
-
-
-def class_histogram(pred: np.ndarray, num_classes: int, min_fraction: float) -> dict[str, Any]:
-    frac = np.bincount(pred, minlength=num_classes)[:num_classes] / max(len(pred), 1)
-    return {"class_fraction": [round(float(f), 4) for f in frac],
-            "classes_present": int((frac >= min_fraction).sum())}
-
-
-def evaluate(samples: np.ndarray | Tensor, real_train: np.ndarray | Tensor,
-             real_heldout: np.ndarray | Tensor, labels_train: np.ndarray | Tensor | None = None,
-             labels_heldout: np.ndarray | Tensor | None = None, *, k: int = 3, seed: int = 0,
-             min_class_fraction: float = 0.02) -> dict[str, Any]:
-    """Score `samples` and `real_heldout` (both (N, ...), [0, 1]) against `real_train`.
-
-    Samples and held-out data are cut to the same N (first N samples, a fixed random subset of
-    held-out data), since k-NN radii and covariance estimates depend on N. A class counts as
-    present when it has at least `min_class_fraction` of the items, so that scattered
-    misclassifications of garbage do not count as covering a class.
-    """
-    fake, train, held = _flat(samples), _flat(real_train), _flat(real_heldout)
-    if fake.shape[1] != train.shape[1] or held.shape[1] != train.shape[1]:
-        raise ValueError(f"item sizes differ: samples {fake.shape[1]}, training "
-                         f"{train.shape[1]}, held-out {held.shape[1]} values")
-    n = min(len(fake), len(held))
-    pick = torch.randperm(len(held), generator=torch.Generator().manual_seed(seed))[:n]
-    fake, held = fake[:n], held[pick]
-    rows = {"samples": fake, "real": held}
-    space = "pixels" if samples.ndim == 4 else "raw values"
-    out: dict[str, Any] = {"n": n, "n_train": len(train), "k": k, "feature_space": space}
-    train_radii = knn_radii(train, k)
-    for name, x in rows.items():
-        p, r = precision_recall(x, train, k, train_radii)
-        out[name] = {"precision": p, "recall": r, "fd": frechet_distance(x, train)}
-
-    if labels_train is not None:
-        y = torch.as_tensor(np.asarray(labels_train)).long()
-        num_classes = int(y.max()) + 1
-        pred = {name: knn_classify(x, train, y).numpy() for name, x in rows.items()}
-        for name in rows:
-            out[name].update(class_histogram(pred[name], num_classes, min_class_fraction))
-        out["num_classes"] = num_classes
-        if labels_heldout is not None:
-            yh = np.asarray(labels_heldout).astype(np.int64)[pick.numpy()]
-            out["classifier_accuracy"] = float((pred["real"] == yh).mean())
-
-    s, r = out["samples"], out["real"]
-    checks = {"precision": abs(s["precision"] - r["precision"]) <= PR_TOLERANCE,
-              "recall": abs(s["recall"] - r["recall"]) <= PR_TOLERANCE}
-    aim = f"precision and recall within {PR_TOLERANCE} of held-out real"
-    if "num_classes" in out:
-        checks["classes"] = s["classes_present"] == out["num_classes"]
-        aim += f", all {out['num_classes']} classes present"
-    failed = [c for c, ok in checks.items() if not ok]
-    out["pass"] = not failed
-    out["verdict"] = (f"{'PASS' if not failed else 'FAIL'}: {aim}"
-                      + (f" (failed: {', '.join(failed)})" if failed else ""))
+def figures(fake: Tensor, real: RealFeatures, extractor: FeatureExtractor,
+            settings: Settings = Settings()) -> dict[str, Any]:
+    """Every figure for one set of features against the reference."""
+    out: dict[str, Any] = {"fid": frechet_distance(gaussian_stats(fake), real.stats)}
+    out["kid_mean"], out["kid_std"] = kernel_distance(fake, real.features, settings.kid_subsets,
+                                                      seed=settings.seed)
+    out["kid_subset_size"] = min(KID_SUBSET_SIZE, len(fake), len(real.features))
+    out.update(manifold_metrics(fake, real.features, K_NEIGHBOURS, real.radii))
+    logits = extractor.class_logits(fake)
+    out["is_mean"], out["is_std"] = (None, None) if logits is None else inception_score(logits)
+    if real.labels is not None:
+        num_classes = int(real.labels.max()) + 1
+        pred = knn_classify(fake, real.features, real.labels)
+        out.update(class_histogram(pred, num_classes), num_classes=num_classes)
     return out
 
 
-def format_report(res: dict[str, Any]) -> str:
-    """The table printed by the command line."""
-    s, r = res["samples"], res["real"]
-    lines = [f"N = {res['n']} samples vs {res['n']} held-out real, each scored against "
-             f"{res['n_train']} training real ({res['feature_space']})",
-             f"{'metric':<26}{'samples':>10}{'held-out':>10}"]
-    lines += [f"{'precision (k=%d)' % res['k']:<26}{s['precision']:>10.3f}{r['precision']:>10.3f}",
-              f"{'recall (k=%d)' % res['k']:<26}{s['recall']:>10.3f}{r['recall']:>10.3f}",
-              f"{'Frechet distance':<26}{s['fd']:>10.3f}{r['fd']:>10.3f}"]
-    if "num_classes" in res:
-        c = res["num_classes"]
-        lines.append(f"{'classes present':<26}{s['classes_present']:>7}/{c:<2}"
-                     f"{r['classes_present']:>7}/{c:<2}")
-        lines.append("class histogram (fraction per class predicted by a 5-NN classifier on the "
-                     "training real data):")
-        lines.append(f"{'class':<10}" + "".join(f"{i:>6}" for i in range(c)))
-        for name, row in (("samples", s), ("held-out", r)):
-            lines.append(f"{name:<10}" + "".join(f"{f:>6.2f}" for f in row["class_fraction"]))
-        if "classifier_accuracy" in res:
-            lines.append(f"(classifier accuracy on held-out real: "
-                         f"{res['classifier_accuracy']:.3f})")
-    lines.append(res["verdict"])
+def score_space(name: str, extractor: FeatureExtractor, samples: Source, reference: Source,
+                heldout: Source | None, settings: Settings = Settings()) -> dict[str, Any]:
+    """All figures in one feature space, for the samples and (if given) held-out data."""
+    ref = cached_extract(reference, extractor, name, settings.batch_size)
+    fake = extract(samples, extractor, name, settings.batch_size)
+    real = real_features(ref, reference.labels)
+    out = {"features": name, "description": extractor.describe(), "num_samples": len(fake),
+           "num_reference": len(ref), "k": K_NEIGHBOURS,
+           **figures(fake, real, extractor, settings)}
+    if heldout is not None:
+        held = cached_extract(heldout, extractor, name, settings.batch_size)
+        out["heldout"] = {"num_samples": len(held), **figures(held, real, extractor, settings)}
+    return out
+
+
+def evaluate(samples: Source, reference: Source, heldout: Source | None,
+             extractors: dict[str, FeatureExtractor], requirements: Iterable[Requirement] = (),
+             *, settings: Settings = Settings()) -> dict[str, Any]:
+    """Figures in each feature space (the first at the top level, the others under
+    `other_features`), requirement checks, and warnings about comparability."""
+    for source in (samples, reference, heldout):
+        if source is not None and source.length <= K_NEIGHBOURS:
+            raise EvaluationError(f"{source.name}: {source.length} items; the k-NN figures "
+                                  f"need more than {K_NEIGHBOURS}")
+    spaces = {name: score_space(name, ext, samples, reference, heldout, settings)
+              for name, ext in extractors.items()}
+    first = next(iter(spaces))
+    checks = [req.check(spaces[req.space or first]) for req in requirements]
+    return {**spaces[first], "samples": samples.name, "reference": reference.name,
+            "heldout_source": heldout.name if heldout is not None else None,
+            "other_features": {n: s for n, s in spaces.items() if n != first},
+            "warnings": _warnings(spaces[first]), "requirements": checks,
+            "pass": all(c["pass"] for c in checks)}
+
+
+def _warnings(space: dict[str, Any]) -> list[str]:
+    out = []
+    n = space["num_samples"]
+    if n < FID_COMPARABLE_N:
+        out.append(f"FID from {n:,} samples: below {FID_COMPARABLE_N:,} it is biased upward "
+                   "and not comparable with published figures (usually 50,000 samples)")
+    if space["kid_subset_size"] < KID_SUBSET_SIZE:
+        out.append(f"KID subsets of {space['kid_subset_size']} (fewer items than the usual "
+                   f"{KID_SUBSET_SIZE})")
+    held = space.get("heldout")
+    if held is not None and held["num_samples"] < n:
+        out.append(f"only {held['num_samples']:,} held-out items for {n:,} samples: the "
+                   "held-out figures are at a smaller N")
+    return out
+
+
+# --- from the command line ------------------------------------------------------------------
+
+def evaluate_file(samples_path: str, registry: Registry, *, against: str | None = None,
+                  feature_names: Iterable[str] = (), feature_weights: str | None = None,
+                  num_samples: int | None = None, num_reference: int = DEFAULT_NUM_REFERENCE,
+                  batch_size: int = 50, device: str = "auto", seed: int = 0,
+                  requirements: Iterable[str] = (), overrides: Iterable[str] = ()
+                  ) -> dict[str, Any]:
+    """`scoretk evaluate`: everything checkable is checked before any feature is computed."""
+    reqs = [parse_requirement(r) for r in requirements]
+    samples = file_source(samples_path, num_samples)
+    reference, heldout = reference_sources(samples, against, registry, num_reference, seed,
+                                           list(overrides))
+    if samples.item_shape != reference.item_shape:
+        raise EvaluationError(f"{samples.name} holds items of shape {samples.item_shape}, "
+                              f"{reference.name} of shape {reference.item_shape}")
+    names = list(feature_names) or (["inception_v3"] if samples.is_image else ["pixels"])
+    _check_requirements(reqs, names, heldout)
+    extractors = build_extractors(registry, names, feature_weights, device)
+    return evaluate(samples, reference, heldout, extractors, reqs,
+                    settings=Settings(batch_size=batch_size, seed=seed))
+
+
+def reference_sources(samples: Source, against: str | None, registry: Registry,
+                      num_reference: int, seed: int = 0, overrides: list[str] = ()
+                      ) -> tuple[Source, Source | None]:
+    """(reference, held-out) for `--against`: an HDF5 file (no held-out data), a recipe, or,
+    when absent, the recipe stored in the sample file; `overrides` (-o data.root=...) apply
+    to the recipe."""
+    from scoretk.recipe import RecipeError, apply_overrides, read_yaml
+
+    if against is not None and h5py.is_hdf5(against):
+        if overrides:
+            raise EvaluationError(f"-o {overrides[0]}: overrides apply to a recipe, and "
+                                  f"{against} is an HDF5 file")
+        return file_source(against, num_reference), None
+    recipe = read_yaml(against) if against is not None else stored_recipe(samples.name)
+    where = against or f"the recipe stored in {samples.name}"
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("data"), dict):
+        if against is None:
+            raise EvaluationError(f"{samples.name} stores no recipe: pass --against REF.h5 "
+                                  "or --against RECIPE")
+        raise RecipeError(against, "data", "missing: a recipe to evaluate against needs a "
+                          "data block")
+    recipe = apply_overrides(recipe, overrides)
+    try:
+        return real_sources(recipe["data"], registry, num_reference, samples.length, seed)
+    except ValidationError as exc:
+        fields = "; ".join(f"data.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                           for e in exc.errors())
+        raise EvaluationError(f"{where}: {fields}") from None
+
+
+def _check_requirements(reqs: list[Requirement], names: list[str],
+                        heldout: Source | None) -> None:
+    for req in reqs:
+        if req.space is not None and req.space not in names:
+            raise EvaluationError(f"--require {req.text!r}: feature space {req.space!r} is not "
+                                  f"evaluated (--features {' '.join(names)})")
+        if req.relative and heldout is None:
+            raise EvaluationError(f"--require {req.text!r}: no held-out data against an HDF5 "
+                                  "reference; use a number")
+
+
+def build_extractors(registry: Registry, names: list[str], weights: str | None,
+                     device: str = "auto") -> dict[str, FeatureExtractor]:
+    """One extractor per name; `weights` goes to those whose params take a weights file."""
+    from scoretk.execution.distributed import Dist, pick_device
+
+    dev = pick_device(device, Dist())
+    comps = {name: registry.get("features", name) for name in dict.fromkeys(names)}
+    takers = [n for n, c in comps.items() if "weights" in c.params.model_fields]
+    if weights is not None and not takers:
+        raise EvaluationError(f"--feature-weights: none of the features {', '.join(comps)} "
+                              "takes a weights file")
+    return {n: c.build({"weights": weights} if weights is not None and n in takers else {},
+                       device=dev)
+            for n, c in comps.items()}
+
+
+# --- the report -----------------------------------------------------------------------------
+
+_ROWS = (("fid", "FID", "{:.3f}"), ("kid_mean", "KID", "{:.5f}"), ("kid_std", "KID std", "{:.5f}"),
+         ("precision", "precision (k=3)", "{:.3f}"), ("recall", "recall (k=3)", "{:.3f}"),
+         ("density", "density (k=3)", "{:.3f}"), ("coverage", "coverage (k=3)", "{:.3f}"),
+         ("is_mean", "Inception Score", "{:.3f}"), ("is_std", "IS std", "{:.3f}"))
+
+
+def _cell(value: Any, fmt: str) -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def format_space(space: dict[str, Any]) -> list[str]:
+    held = space.get("heldout")
+    lines = [space["description"],
+             f"{'metric':<22}{'samples':>12}" + (f"{'held-out':>12}" if held else "")]
+    for key, label, fmt in _ROWS:
+        row = f"{label:<22}{_cell(space[key], fmt):>12}"
+        lines.append(row + (f"{_cell(held[key], fmt):>12}" if held else ""))
+    if "num_classes" in space:
+        c = space["num_classes"]
+        row = f"{'classes present':<22}{space['classes_present']:>9}/{c:<2}"
+        lines.append(row + (f"{held['classes_present']:>9}/{c:<2}" if held else ""))
+    return lines
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The text `scoretk evaluate` prints."""
+    held = result.get("heldout")
+    head = (f"{result['samples']}: {result['num_samples']:,} samples against "
+            f"{result['reference']} ({result['num_reference']:,} items)")
+    if held:
+        head += f"; held-out: {result['heldout_source']} ({held['num_samples']:,} items)"
+    lines = [head, ""] + format_space(result)
+    for space in result["other_features"].values():
+        lines += [""] + format_space(space)
+    if result["requirements"]:
+        lines += [""] + format_checks(result["requirements"], result["pass"])
     return "\n".join(lines)
 
 
-# --- reference data from a recipe -----------------------------------------------------------
-
-def _dataset_arrays(ds, seed: int, max_items: int = MAX_REFERENCE) -> tuple[Tensor, Tensor | None]:
-    idx = torch.arange(len(ds))
-    if len(ds) > max_items:
-        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:max_items]
-        idx = idx.sort().values
-    labels = getattr(ds, "labels", None)
-    return ds.batch(idx), (labels[idx] if labels is not None else None)
-
-
-def reference_data(data_block: dict[str, Any], registry: Registry, seed: int = 0):
-    """(train, train_labels, heldout, heldout_labels) from a recipe's data block, without its
-    training augmentations: the dataset's own held-out split where it has one, otherwise a
-    fixed random half of the data."""
-    spec = dict(data_block)
-    comp = registry.get("dataset", spec.pop("kind"))
-    params = comp.params.model_validate(spec)
-    params = params.plain() if isinstance(params, DataParams) else params
-    split = params.heldout_split() if isinstance(params, DataParams) else None
-    if split is None:
-        x, y = _dataset_arrays(comp.build(params), seed, 2 * MAX_REFERENCE)
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-        half = len(perm) // 2
-        tr, te = perm[:half], perm[half:]
-        return x[tr], (y[tr] if y is not None else None), x[te], (y[te] if y is not None else None)
-    (xtr, ytr), (xte, yte) = (_dataset_arrays(comp.build(p), seed) for p in split)
-    return xtr, ytr, xte, yte
-
-
-def read_samples(path: str) -> tuple[np.ndarray, dict[str, Any] | None, bool]:
-    """Samples as float (N, C, H, W) in [0, 1] (or (N, D) vectors), the stored recipe, and
-    whether the writer marked the file complete (an interrupted file is still evaluated)."""
-    from scoretk.store import reading
-
-    with reading(path) as f:
-        ds = f["samples"]
-        n = int(f.attrs.get("num_written", ds.shape[0]))
-        x = ds[:n]
-        recipe = f.attrs.get("recipe")
-        complete = bool(f.attrs.get("complete", True))
-    if len(x) == 0:
-        raise ValueError("no samples written yet (num_written is 0)")
-    if isinstance(recipe, bytes):
-        recipe = recipe.decode()
-    recipe = json.loads(recipe) if recipe is not None else None
-    if x.dtype == np.uint8:
-        x = x.astype(np.float32) / 255.0
-        if x.ndim == 4:
-            x = x.transpose(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
-    return np.ascontiguousarray(x, dtype=np.float32), recipe, complete
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m scoretk.evaluation", description=__doc__.split(
-        "\n")[0])
-    ap.add_argument("samples", help="HDF5 sample file (dataset 'samples', attribute 'recipe')")
-    ap.add_argument("--reference-recipe", metavar="R",
-                    help="recipe YAML whose data block gives the real data (default: the "
-                    "recipe stored in the sample file)")
-    ap.add_argument("--k", type=int, default=3, help="neighbours for precision/recall")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the fixed subsets")
-    ap.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = ap.parse_args(argv)
-
-    try:
-        samples, recipe, complete = read_samples(args.samples)
-    except Exception as exc:  # noqa: BLE001 - any failure to read is one line and exit 2
-        print(f"error: cannot read {args.samples}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
-    try:
-        if args.reference_recipe:
-            from scoretk.recipe import read_yaml
-
-            recipe = read_yaml(args.reference_recipe)
-        if not isinstance(recipe, dict) or not isinstance(recipe.get("data"), dict):
-            raise ValueError("no recipe with a data block: the file has no 'recipe' attribute; "
-                             "pass --reference-recipe")
-        from scoretk.plugins import load_plugins
-
-        registry = load_plugins().registry
-        xtr, ytr, xte, yte = reference_data(recipe["data"], registry, args.seed)
-        if samples.shape[1:] != tuple(xtr.shape[1:]):
-            raise ValueError(f"samples have shape {samples.shape[1:]}, the recipe's data "
-                             f"{tuple(xtr.shape[1:])}")
-        res = evaluate(samples, xtr, xte, ytr, yte, k=args.k, seed=args.seed)
-    except Exception as exc:  # noqa: BLE001
-        print(f"error: cannot evaluate {args.samples}: {exc}", file=sys.stderr)
-        return 2
-    if not complete:
-        print(f"note: {args.samples} is not marked complete; evaluating the {len(samples)} "
-              "samples written so far", file=sys.stderr)
-    print(json.dumps(res, indent=1) if args.json else format_report(res))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def format_checks(checks: list[dict[str, Any]], passed: bool) -> list[str]:
+    lines = []
+    for c in checks:
+        detail = c.get("reason") or f"{c['value']:.4g} {c['op']} {c['bound']:.4g}"
+        lines.append(f"{'PASS' if c['pass'] else 'FAIL'}  {c['require']}: {detail}")
+    met = sum(c["pass"] for c in checks)
+    return lines + [f"{'PASS' if passed else 'FAIL'}: {met} of {len(checks)} requirements met"]

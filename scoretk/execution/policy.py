@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from scoretk.execution.batch_threads import BatchThreads, split_batches
 from scoretk.execution.cpu_memory import keep_freed_memory
 from scoretk.execution.distributed import Dist, pick_device, setup_distributed
+from scoretk.execution.layout import in_preferred_layout
 
 BatchThreadsSetting = Literal["auto"] | int
 
@@ -33,6 +34,9 @@ class ExecutionPolicy:
     compile: bool = False
     channels_last: bool = False
     batch_threads: BatchThreadsSetting = "auto"
+    layout: Literal["auto", "input"] = "auto"
+    """auto: nets that prefer channels_last run so on CPU and CUDA; input: every net runs in
+    its input's memory layout (the benchmarks' NCHW rows)."""
     keep_freed_memory: bool = True
     dist: Dist = field(default_factory=Dist)
 
@@ -87,14 +91,20 @@ class ExecutionPolicy:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def in_layout(self, net: nn.Module) -> nn.Module:
+        """The net run in its preferred memory layout (see `layout`)."""
+        return in_preferred_layout(net, self.device) if self.layout == "auto" else net
+
     def for_sampling_net(self, net: nn.Module) -> nn.Module:
-        """What a sampler calls: on CPU, the batch split across threads (see batch_threads)."""
-        return split_batches(net, self.batch_threads, self.device)
+        """What a sampler calls: in its layout, on CPU the batch split across threads."""
+        return split_batches(self.in_layout(net), self.batch_threads, self.device)
 
     def for_training_net(self, net: nn.Module) -> nn.Module:
         """What the training step calls: the batch split (not for compiled nets), DDP across
         processes, then torch.compile."""
-        wrapped = net if self.compile else split_batches(net, self.batch_threads, self.device)
+        wrapped = self.in_layout(net)
+        if not self.compile:
+            wrapped = split_batches(wrapped, self.batch_threads, self.device)
         if self.dist.world > 1:
             device = self.device
             wrapped = nn.parallel.DistributedDataParallel(
@@ -107,7 +117,7 @@ class ExecutionPolicy:
         """How many CPU threads a batch of `batch` items is split across (1: not split)."""
         if self.compile:
             return 1
-        split = split_batches(net, self.batch_threads, self.device)
+        split = split_batches(self.in_layout(net), self.batch_threads, self.device)
         return split.chunks(batch, item_values) if isinstance(split, BatchThreads) else 1
 
     def notes(self) -> list[str]:

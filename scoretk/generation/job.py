@@ -22,7 +22,7 @@ from scoretk.execution.policy import ExecutionPolicy
 from scoretk.generation.control import Control, resolve_control
 from scoretk.generation.request import ModelChoice, SampleRequest
 from scoretk.interop.weights import SUFFIX, exported_weights_are_raw, load_exported
-from scoretk.recipe import SAMPLING_SECTIONS, Override, Recipe, RecipeError, apply_overrides, read_yaml
+from scoretk.recipe import SAMPLING_SECTIONS, Override, Recipe, RecipeError, read_yaml, with_overrides
 from scoretk.registry import Registry
 from scoretk.store import SampleStore, StoreError
 
@@ -211,7 +211,7 @@ def _recipe(raw: dict[str, Any], source: str, file_attrs: dict[str, Any],
     if file_attrs:
         stored = json.loads(file_attrs["recipe"])
         raw.update({s: v for s, v in stored.items() if s in SAMPLING_SECTIONS})
-    return Recipe.from_dict(apply_overrides(raw, overrides), registry, source=source)
+    return with_overrides(raw, overrides, registry, source=source)
 
 
 def sampler_provenance(source: str, recipe: Recipe, model: assemble.Model) -> dict[str, Any]:

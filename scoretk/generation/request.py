@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from scoretk.pictures import check_png_path
 from scoretk.recipe import SAMPLING_SECTIONS, Override, RecipeError, parse_override
 from scoretk.store import StoreError
 
@@ -106,13 +107,12 @@ class SampleRequest:
             raise StoreError("--resume continues a file and --force overwrites it: give one")
         check_model_choice(self)
         self.control.check()
-        for opt, path in (("--out", self.out), ("--grid", self.grid)):
-            if path is None:
-                continue
-            if path.is_dir():
-                raise StoreError(f"{opt} {path}: is a directory, expected a file name")
-            if not path.parent.is_dir():
-                raise StoreError(f"{opt} {path}: directory {path.parent} does not exist")
+        if self.grid is not None:
+            check_png_path(self.grid, "--grid")
+        if self.out.is_dir():
+            raise StoreError(f"--out {self.out}: is a directory, expected a file name")
+        if not self.out.parent.is_dir():
+            raise StoreError(f"--out {self.out}: directory {self.out.parent} does not exist")
         if self.out.exists() and not (self.resume or self.force):
             raise StoreError(f"{self.out} already exists; --resume continues it, --force "
                              "overwrites it")

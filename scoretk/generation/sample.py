@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,9 @@ from torch import Tensor
 from scoretk import assemble
 from scoretk.execution.distributed import Dist
 from scoretk.execution.policy import ExecutionPolicy
+from scoretk.files import Stopped, raise_if_stopped
 from scoretk.generation.job import SampleJob, resolve_job
+from scoretk.generation.preflight import check_resources
 from scoretk.generation.request import SampleRequest
 from scoretk.registry import Registry
 from scoretk.rng import derive_seed
@@ -45,17 +48,18 @@ def run_sampling(request: SampleRequest, registry: Registry,
                 print(f"{out}: already complete ({existing.num_written} samples)")
                 _write_grid(out, request.grid, registry)
             return out
+    check_resources(job, out, existing.num_written if existing else 0)
     store = _open_store(out, job, existing, dist)
     start, t0 = store.num_written, time.perf_counter()
     evaluations_before = store.evaluations
     try:
         _generate(job, store, dist, registry)
-    except KeyboardInterrupt:
-        if dist.is_main:
-            print(f"\ninterrupted: {out} is valid and holds {SampleStore(out).num_written} "
-                  f"samples; `scoretk sample --out {out} --resume` continues it",
-                  file=sys.stderr)
-        raise
+    except KeyboardInterrupt as exc:
+        if not dist.is_main:
+            raise
+        raise Stopped(getattr(exc, "signum", signal.SIGINT),
+                      f"interrupted: {out} is valid and holds {SampleStore(out).num_written} "
+                      f"samples; `scoretk sample --out {out} --resume` continues it") from None
     finally:
         store.close()  # rank 0 lets go of the file
     if dist.is_main:
@@ -122,6 +126,7 @@ def _generate(job: SampleJob, store: SampleStore, dist: Dist, registry: Registry
                 dist.barrier()
             bar.advance(min(start + (first + dist.world) * b, n),
                         (len(x), evals) if x is not None else None)
+            raise_if_stopped()
 
 
 def _sample_batch(job: SampleJob, indices: range, data: Any,

@@ -40,6 +40,7 @@ class Session:
     bar: tqdm
     writer: Any  # a tensorboard SummaryWriter or None
     last_checkpoint: Path | None = None
+    step: int = 0  # steps done
 
     @property
     def is_main(self) -> bool:
@@ -99,10 +100,11 @@ class PreviewGrid:
         t.net.eval()
         with t.averager.averaged(t.net):
             noise = PerSampleNoise(derive_seed(cfg.seed, "grid"), range(cfg.grid_size), device)
-            x = t.model.sampler.sample(t.net, t.model.schedule, t.model.shape, noise,
-                                       device=device)
+            x = t.model.sampler.sample(self.s.policy.for_sampling_net(t.net), t.model.schedule,
+                                       t.model.shape, noise, device=device)
         t.net.train(was_training)
-        save_grid(x.float().cpu(), self.s.run.dir.samples / f"step-{info.step:08d}.png")
+        run = self.s.run.dir
+        save_grid(x.float().cpu(), run.claim(run.samples / f"step-{info.step:08d}.png"))
 
 
 class SaveCheckpoint:

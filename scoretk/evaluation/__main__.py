@@ -1,5 +1,0 @@
-import sys
-
-from scoretk.evaluation.evaluate import main
-
-sys.exit(main())

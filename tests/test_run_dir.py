@@ -323,7 +323,7 @@ def test_nothing_to_train_is_one_line_from_the_command_line(plugin_site, toy_rec
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert [line for line in out.stderr.splitlines() if line.startswith("error")] == \
         ["error: recipe 'toy': net: 'frozen' has no trainable parameters: there is nothing "
-         "to train"]
+         "to train; sample it from its recipe: scoretk sample --recipe RECIPE --out F.h5"]
     assert not (tmp_path / "run").exists()
 
 

@@ -51,7 +51,8 @@ def build_trainer(recipe: Recipe, registry: Registry, shape: tuple[int, ...],
     model = assemble.build_model(recipe, registry, shape)
     if not any(p.requires_grad for p in model.net.parameters()):
         raise RecipeError(f"recipe {recipe.name!r}", "net", f"{recipe.net.kind!r} has no "
-                          "trainable parameters: there is nothing to train")
+                          "trainable parameters: there is nothing to train; sample it from its "
+                          "recipe: scoretk sample --recipe RECIPE --out F.h5")
     net = model.net = policy.place(model.net, shape)
     optimiser = make_optimiser(net, recipe.optim)
     averager = assemble.build_averager(recipe, registry, net)

@@ -114,7 +114,7 @@ def read_source(spec: str, option: str, recipe: Recipe, registry: Registry,
         if len(data) == 0:
             raise StoreError(f"{option} data: the recipe's dataset ({what}) is empty")
         return RowSource(_Limited(data, min(len(data), needed)), tuple(data.shape),
-                      f"{DATA} ({what})")
+                         f"{DATA} ({what})")
     path = Path(spec)
     try:
         store = SampleStore(path)
@@ -124,7 +124,7 @@ def read_source(spec: str, option: str, recipe: Recipe, registry: Registry,
     if count == 0:
         raise StoreError(f"{option} {path}: holds no samples yet")
     return RowSource(_SampleFileRows(path, count, store.item_shape), store.item_shape,
-                  str(path.resolve()))
+                     str(path.resolve()))
 
 
 class _Limited:

@@ -22,7 +22,8 @@ from scoretk.execution.policy import ExecutionPolicy
 from scoretk.generation.control import Control, resolve_control
 from scoretk.generation.request import ModelChoice, SampleRequest
 from scoretk.interop.weights import SUFFIX, exported_weights_are_raw, load_exported
-from scoretk.recipe import SAMPLING_SECTIONS, Override, Recipe, RecipeError, read_yaml, with_overrides
+from scoretk.recipe import (SAMPLING_SECTIONS, Override, Recipe, RecipeError, read_yaml,
+                            with_overrides)
 from scoretk.registry import Registry
 from scoretk.store import SampleStore, StoreError
 
@@ -140,10 +141,11 @@ def _from_checkpoint(choice: ModelChoice, registry: Registry, device: torch.devi
     if exported:
         raw_weights = exported_weights_are_raw(ckpt, state, raw_weights)
     model, averager = load_model(ckpt, state, recipe, registry, device, raw_weights or exported)
-    return ModelSource(recipe, model, None if raw_weights or exported else averager,
-                  bool(raw_weights),
-                  {"checkpoint": str(ckpt.resolve()), "checkpoint_sha256": sha256_file(ckpt),
-                   "checkpoint_step": state.get("step")}, str(ckpt))
+    attrs = {"checkpoint": str(ckpt.resolve()), "checkpoint_sha256": sha256_file(ckpt),
+             "checkpoint_step": state.get("step")}
+    averaged = not (raw_weights or exported)
+    return ModelSource(recipe, model, averager if averaged else None, bool(raw_weights), attrs,
+                       str(ckpt))
 
 
 def _from_recipe(choice: ModelChoice, registry: Registry, device: torch.device,
@@ -167,7 +169,7 @@ def _from_recipe(choice: ModelChoice, registry: Registry, device: torch.device,
     model.schedule.sigmas = model.schedule.sigmas.to(device)
     recipe_file = str(choice.recipe.resolve()) if choice.recipe else fa.get("recipe_file")
     return ModelSource(recipe, model, None, False,
-                  {"checkpoint": NO_CHECKPOINT, "recipe_file": recipe_file}, name)
+                       {"checkpoint": NO_CHECKPOINT, "recipe_file": recipe_file}, name)
 
 
 def _resolved(recipe: Recipe, registry: Registry, name: str) -> tuple[Recipe, tuple[int, ...]]:

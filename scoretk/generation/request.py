@@ -124,7 +124,8 @@ def check_model_choice(choice: ModelChoice) -> None:
                                     ("--run", choice.run_dir), ("--recipe", choice.recipe))
              if value]
     if len(given) > 1:
-        raise StoreError(f"give one of --checkpoint, --run and --recipe (got {' and '.join(given)})")
+        raise StoreError(f"give one of --checkpoint, --run and --recipe (got "
+                         f"{' and '.join(given)})")
     if choice.recipe and choice.raw_weights:
         raise StoreError("--raw-weights chooses a checkpoint's weights; a net sampled from "
                          "--recipe has none")

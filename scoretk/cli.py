@@ -172,6 +172,8 @@ def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
 @click.option("--resume", is_flag=True, help="Continue an interrupted file.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 @click.option("--raw-weights", is_flag=True, help="Use the raw, not the averaged, weights.")
+@click.option("--best", is_flag=True,
+              help="With --run: checkpoints/best.pt, kept by train.eval_every's figure.")
 @click.option("--keep-float", is_flag=True, help="Also store the float samples.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda", "mps"]))
 @click.option("--grid", type=click.Path(dir_okay=False),

@@ -27,6 +27,7 @@ class SampleRequest:
     resume: bool = False
     force: bool = False
     raw_weights: bool = False
+    best: bool = False
     keep_float: bool = False
     device: str = "auto"
     grid: Path | None = None
@@ -58,6 +59,8 @@ class SampleRequest:
             raise StoreError("--resume continues a file and --force overwrites it: give one")
         if self.checkpoint and self.run_dir:
             raise StoreError("give either --checkpoint or --run, not both")
+        if self.best and not self.run_dir:
+            raise StoreError("--best picks a run's checkpoints/best.pt: give --run DIR")
         if self.grid is not None:
             check_png_path(self.grid, "--grid")
         if self.out.is_dir():

@@ -31,7 +31,7 @@ from scoretk.rng import derive_seed, generator, set_global_rng_state
 from scoretk.training.batches import StepBatches, batches
 from scoretk.training.builder import build_trainer
 from scoretk.training.callbacks import Periodic, Session, StepInfo, default_callbacks
-from scoretk.training import quality
+from scoretk.training.quality import prepare as prepare_evaluation
 from scoretk.training.log import LogWindow, open_tensorboard
 from scoretk.training.run import TrainingRun
 
@@ -57,7 +57,7 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
     order = StepBatches(len(data), resolved.train.batch_size, resolved.train.seed,
                         policy.dist.rank, policy.dist.world)
     trainer = build_trainer(resolved, registry, data.shape, policy)
-    evaluation = quality.prepare(resolved, registry, data, policy)
+    evaluation = prepare_evaluation(resolved, registry, data, policy)
     run = TrainingRun.for_recipe(recipe, run_dir, policy.dist)
     with run.open(restart) as state:
         step, changes = 0, []

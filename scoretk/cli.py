@@ -168,6 +168,8 @@ model_options = [
     click.option("--recipe", type=click.Path(dir_okay=False, readable=False),
                  help="A recipe whose net has no trainable parameters (an exact score): no "
                  "checkpoint needed."),
+    click.option("--best", is_flag=True,
+                 help="With --run: checkpoints/best.pt, kept by train.eval_every's figure."),
 ]
 
 

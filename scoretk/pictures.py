@@ -180,7 +180,8 @@ def read_metrics(run: str | Path) -> tuple[list[dict], Path]:
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
-            by_step[int(record["step"])] = record
+            if "loss" in record:  # training records; evaluations (train.eval_every) aside
+                by_step[int(record["step"])] = record
         except (ValueError, KeyError, TypeError):
             continue
     if not by_step:

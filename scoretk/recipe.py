@@ -94,6 +94,17 @@ class TrainConfig(_Strict):
     sample_every: int = Field(0, ge=0, description="write samples/step-N.png with the averaged "
                               "weights every N steps; 0: never")
     grid_size: int = Field(64, gt=0, description="samples in each of those grids")
+    eval_every: int = Field(0, ge=0, description="every N steps (and at the end) score "
+                            "eval_samples samples from the averaged weights against the "
+                            "training data, log the figures and keep checkpoints/best.pt; "
+                            "0: never")
+    eval_samples: int = Field(1000, gt=3, description="samples per evaluation (ncsnv2's fast "
+                              "FID uses 1,000; figures depend on N, docs/evaluation.md)")
+    eval_features: str = Field("auto", description="feature extractor (`scoretk describe "
+                               "features`); auto: inception_v3 for colour images, else pixels")
+    eval_metric: Literal["fid", "kid_mean", "precision", "recall", "density", "coverage"] = \
+        Field("fid", description="the figure that picks checkpoints/best.pt (FID and KID: "
+              "lower is better; the others: higher)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes reading batches; "
                              "0: read in the training process")
     time_limit_minutes: float | None = Field(

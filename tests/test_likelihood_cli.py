@@ -85,6 +85,7 @@ def test_errors_are_one_line(tmp_path, monkeypatch):
             (["--batch-size", "-1", "--recipe", recipe], "--batch-size must be positive"),
             (["--tolerance", "0", "--recipe", recipe], "--tolerance must be positive"),
             (["--recipe", recipe, "--checkpoint", v1], "give one of"),
+            (["--recipe", recipe, "--best"], "--best picks a run's checkpoints/best.pt"),
             ([], "no checkpoint"),
             (["--checkpoint", v1, "--solver", "adaptive"], "knows only its noise levels"),
             (["--recipe", write(tmp_path, {**EXACT, "net": {"kind": "mlp"}}, "mlp.yaml")],

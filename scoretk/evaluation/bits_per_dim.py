@@ -44,6 +44,7 @@ class LikelihoodRequest:
     run_dir: Path | None = None
     recipe: Path | None = None
     raw_weights: bool = False
+    best: bool = False
     device: str = "auto"
     solver: Solver = "auto"
     tolerance: float = 1e-5

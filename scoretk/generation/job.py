@@ -63,7 +63,8 @@ class SampleJob:
 
 
 def find_checkpoint(request: ModelChoice, recorded: str | None = None) -> Path:
-    """--checkpoint, else --run's latest, else the file's own checkpoint (resume), else the
+    """--checkpoint, else --run's latest (or its best.pt), else the file's own checkpoint
+    (resume), else the
     most recent run under runs/."""
     if request.checkpoint:
         return request.checkpoint
@@ -71,6 +72,12 @@ def find_checkpoint(request: ModelChoice, recorded: str | None = None) -> Path:
         run = RunDir(request.run_dir)
         if not run.path.is_dir():
             raise CheckpointError(f"{run.path}: run directory not found")
+        if request.best:
+            best = run.checkpoints / "best.pt"
+            if not best.is_file():
+                raise CheckpointError(f"{run.path}: no {best.name} in {run.checkpoints} "
+                                      "(training keeps it when train.eval_every is set)")
+            return best
         latest = run.latest()
         if latest is None:
             raise CheckpointError(f"{run.path}: no checkpoint in {run.checkpoints}")

@@ -46,6 +46,7 @@ class ModelChoice(Protocol):
     run_dir: Path | None
     recipe: Path | None
     raw_weights: bool
+    best: bool
     overrides: tuple[Override, ...]
 
 
@@ -74,6 +75,7 @@ class SampleRequest:
     resume: bool = False
     force: bool = False
     raw_weights: bool = False
+    best: bool = False
     keep_float: bool = False
     device: str = "auto"
     grid: Path | None = None
@@ -119,7 +121,8 @@ class SampleRequest:
 
 
 def check_model_choice(choice: ModelChoice) -> None:
-    """At most one of --checkpoint, --run and --recipe; --raw-weights needs weights."""
+    """At most one of --checkpoint, --run and --recipe; --raw-weights needs weights, --best
+    a run."""
     given = [opt for opt, value in (("--checkpoint", choice.checkpoint),
                                     ("--run", choice.run_dir), ("--recipe", choice.recipe))
              if value]
@@ -129,3 +132,5 @@ def check_model_choice(choice: ModelChoice) -> None:
     if choice.recipe and choice.raw_weights:
         raise StoreError("--raw-weights chooses a checkpoint's weights; a net sampled from "
                          "--recipe has none")
+    if choice.best and not choice.run_dir:
+        raise StoreError("--best picks a run's checkpoints/best.pt: give --run DIR")

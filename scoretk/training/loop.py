@@ -31,6 +31,7 @@ from scoretk.rng import derive_seed, generator, set_global_rng_state
 from scoretk.training.batches import StepBatches, batches
 from scoretk.training.builder import build_trainer
 from scoretk.training.callbacks import Periodic, Session, StepInfo, default_callbacks
+from scoretk.training.quality import prepare as prepare_evaluation
 from scoretk.training.log import LogWindow, open_tensorboard
 from scoretk.training.run import TrainingRun
 
@@ -56,6 +57,7 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
     order = StepBatches(len(data), resolved.train.batch_size, resolved.train.seed,
                         policy.dist.rank, policy.dist.world)
     trainer = build_trainer(resolved, registry, data.shape, policy)
+    evaluation = prepare_evaluation(resolved, registry, data, policy)
     run = TrainingRun.for_recipe(recipe, run_dir, policy.dist)
     with run.open(restart) as state:
         step, changes = 0, []
@@ -66,10 +68,11 @@ def train(recipe: Recipe, registry: Registry, run_dir: str | Path | None = None,
             set_global_rng_state(state.get("rng", {}))
         run.begin(resolved, step)
         session = _open_session(resolved, run, trainer, policy, data, step)
+        session.best = state.get("eval_best") if state is not None else None
         if session.is_main:
             _print_header(session, data, order, step, changes)
         try:
-            _run(session, data, order, default_callbacks(session))
+            _run(session, data, order, default_callbacks(session, evaluation))
         finally:
             session.bar.close()
             if session.writer is not None:

@@ -248,6 +248,7 @@ def likelihood(as_json: bool, run_dir: str | None, checkpoint: str | None,
     import json
 
     from scoretk.evaluation.bits_per_dim import LikelihoodRequest, format_table, measure
+    from scoretk.score import SolverError
 
     as_path = lambda p: Path(p) if p else None  # noqa: E731
     request = LikelihoodRequest(checkpoint=as_path(checkpoint), run_dir=as_path(run_dir),
@@ -256,7 +257,7 @@ def likelihood(as_json: bool, run_dir: str | None, checkpoint: str | None,
     with _LikelihoodProgress() as bar:
         try:
             res = measure(request, _registry(), bar)
-        except RuntimeError as exc:  # the adaptive solver gave up: one line, as training's stop
+        except SolverError as exc:  # one line and status 1, as training's stop
             if _debug():
                 raise
             click.echo(f"error: {str(exc).splitlines()[0]}", err=True)

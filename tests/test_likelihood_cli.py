@@ -93,3 +93,19 @@ def test_errors_are_one_line(tmp_path, monkeypatch):
         assert_one_line_error(cli("likelihood", *args), needle)
     res = likelihood("--checkpoint", v1, "-n", "4")  # auto: Heun for a level-only net
     assert res["solver"] == "heun" and res["evaluations_per_item"] == 2 * 2
+
+
+def test_a_solver_giving_up_is_one_line_and_status_1(tmp_path, monkeypatch):
+    import scoretk.evaluation.bits_per_dim as bits_per_dim
+    from scoretk.score import SolverError
+
+    def give_up(*args, **kwargs):
+        raise SolverError("the adaptive ODE solver failed (underflow in dt); try the fixed-step "
+                          "solver\nsecond line")
+
+    monkeypatch.setattr(bits_per_dim, "log_likelihood", give_up)
+    result = cli("likelihood", "--recipe", write(tmp_path, EXACT), "-n", "4")
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: the adaptive ODE solver failed (underflow in dt); try the "
+                      "fixed-step solver"] and "Traceback" not in result.stderr

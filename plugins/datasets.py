@@ -21,6 +21,7 @@ from torch import Tensor
 from scoretk import hookimpl
 from scoretk.components import Dataset
 from scoretk.data import DataError, DataParams
+from scoretk.execution.cpu_memory import available_bytes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                     ".pgm")
@@ -136,10 +137,18 @@ class Toy2dParams(DataParams):
         return (2,)
 
 
+TOY2D_BYTES_PER_POINT = 48
+"""Peak memory while making one point: the float32 pair, labels and the temporaries."""
+
+
 def build_toy2d(params: Toy2dParams) -> TensorData:
     """Points in R^2 (not [0, 1]: vectors have no range convention); labels = mode index."""
     g = torch.Generator().manual_seed(params.seed)
     n = params.n
+    need, have = TOY2D_BYTES_PER_POINT * n, available_bytes()
+    if have is not None and need > have:
+        raise ValueError(f"n={n:,} points need about {need / 2**30:,.1f} GiB of memory and "
+                         f"{have / 2**30:,.1f} GiB is free")
     labels: Tensor | None = None
     if params.name == "mixture":
         w = torch.tensor(params.weights, dtype=torch.float64)

@@ -2,11 +2,14 @@
 
 Heavy modules (torch, the plugins) are imported inside commands, so `scoretk --help` and
 `--version` start instantly. Expected failures print one line and exit with status 2;
-`--debug` shows the traceback instead.
+`--debug` shows the traceback instead. `train` and `sample` stop on SIGINT/SIGTERM with a
+message and status 130/143, whatever they are doing when the signal comes.
 """
 from __future__ import annotations
 
+import errno
 import functools
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -14,8 +17,12 @@ from typing import Any, Callable
 import click
 
 from scoretk import __version__
+from scoretk.files import HeldSignals, LockedError, Stopped
 
 USAGE_ERROR = 2
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                      errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
+"""Errors of the file system a user can fix (disk full, read-only, no permission): one line."""
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -31,8 +38,13 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from scoretk.weights import WeightsError
 
     return (RecipeError, RegistryError, CheckpointError, DataError, ComponentError, StoreError,
-            DeviceError, PictureError, EvaluationError, WeightsError, FileExistsError,
-            FileNotFoundError)
+            DeviceError, PictureError, EvaluationError, WeightsError, LockedError,
+            FileExistsError, FileNotFoundError)
+
+
+def _is_expected(exc: Exception) -> bool:
+    return isinstance(exc, _expected_errors()) or (
+        isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS and bool(exc.filename))
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -45,10 +57,32 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except click.exceptions.Exit:
             raise
         except Exception as exc:
-            if _debug() or not isinstance(exc, _expected_errors()):
+            if _debug() or not _is_expected(exc):
                 raise
-            click.echo(f"error: {exc}", err=True)
+            text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and \
+                exc.filename and exc.strerror else exc
+            click.echo(f"error: {text}", err=True)
             sys.exit(USAGE_ERROR)
+
+    return wrapper
+
+
+def stops_on_signals(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """SIGINT and SIGTERM end the command from its first line on: its message (training's
+    says which checkpoint was written, sampling's how far the file got) and status 128 +
+    signal (130, 143). Loops that finish a step first hold the signals inside this."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with HeldSignals(hold=0):
+            try:
+                return fn(*args, **kwargs)
+            except Stopped as exc:
+                click.echo(f"\n{exc}", err=True)
+                sys.exit(exc.exit_status)
+            except KeyboardInterrupt:  # a handler other than ours raised it
+                click.echo("\ninterrupted", err=True)
+                sys.exit(128 + signal.SIGINT)
 
     return wrapper
 
@@ -85,7 +119,7 @@ def _load(recipe_path: str, overrides: tuple[str, ...]):
 
 
 recipe_argument = click.argument("recipe_path", metavar="RECIPE",
-                                 type=click.Path(dir_okay=False))
+                                 type=click.Path(dir_okay=False, readable=False))
 
 override_option = click.option(
     "-o", "--override", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -106,20 +140,18 @@ def main(ctx: click.Context, debug: bool) -> None:
 @override_option
 @click.option("--restart", is_flag=True, help="Start over even if the run has checkpoints.")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Default: runs/<recipe name>.")
+@stops_on_signals
 @friendly_errors
 def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
           run_dir: str | None) -> None:
     """Train the recipe; resumes its run directory's latest checkpoint unless --restart."""
     from scoretk.execution.policy import ExecutionPolicy
-    from scoretk.training import Interrupted, TrainingError, train as run_training
+    from scoretk.training import TrainingError, train as run_training
 
     recipe = _load(recipe_path, overrides)
     policy = ExecutionPolicy.for_training(recipe.train).setup_process()
     try:
         run_training(recipe, _registry(), run_dir=run_dir, restart=restart, policy=policy)
-    except Interrupted as exc:
-        click.echo(f"\n{exc}", err=True)
-        sys.exit(130)
     except TrainingError as exc:
         if _debug():
             raise
@@ -129,9 +161,29 @@ def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
         policy.dist.shutdown()
 
 
+model_options = [
+    click.option("--run", "run_dir", type=click.Path(readable=False),
+                 help="Run directory (its latest checkpoint)."),
+    click.option("--checkpoint", type=click.Path(readable=False), help="A checkpoint file."),
+    click.option("--recipe", type=click.Path(dir_okay=False, readable=False),
+                 help="A recipe whose net has no trainable parameters (an exact score): no "
+                 "checkpoint needed."),
+    click.option("--best", is_flag=True,
+                 help="With --run: checkpoints/best.pt, kept by train.eval_every's figure."),
+]
+
+
+def with_options(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
+    """Decorate a command with a shared list of click options."""
+    def decorate(fn: Any) -> Any:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
 @main.command()
-@click.option("--run", "run_dir", type=click.Path(), help="Run directory (its latest checkpoint).")
-@click.option("--checkpoint", type=click.Path(), help="A checkpoint file.")
+@with_options(model_options)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="HDF5 file to write.")
 @click.option("-n", "--num-samples", type=int, help="Default: the recipe's sample.num_samples.")
 @click.option("--batch-size", type=int, help="Default: the recipe's sample.batch_size.")
@@ -143,10 +195,22 @@ def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda", "mps"]))
 @click.option("--grid", type=click.Path(dir_okay=False),
               help="Also write a PNG: images beside real ones, or 2-D points over the data.")
+@click.option("--inpaint-mask", metavar="MASK",
+              help="Inpaint: a black-and-white PNG, or FILE.h5[:DATASET] of 0/1; white (1) "
+              "pixels are generated, the others come from --known.")
+@click.option("--known", metavar="SOURCE",
+              help="The known pixels for --inpaint-mask: 'data' (the recipe's held-out data) "
+              "or a sample file.")
+@click.option("--colourise", metavar="SOURCE",
+              help="Colourise the grey images of SOURCE: 'data' or a sample file.")
+@click.option("--interpolate", type=int, metavar="K",
+              help="Groups of K samples moving smoothly from one to another.")
 @override_option
+@stops_on_signals
 @friendly_errors
 def sample(**options: Any) -> None:
-    """Generate samples into an HDF5 file, batch by batch (resumable)."""
+    """Generate samples into an HDF5 file, batch by batch (resumable), optionally inpainting,
+    colourising or interpolating."""
     from scoretk.execution.policy import ExecutionPolicy
     from scoretk.generation.request import SampleRequest
     from scoretk.generation.sample import run_sampling
@@ -158,6 +222,67 @@ def sample(**options: Any) -> None:
         run_sampling(request, _registry(), policy)
     finally:
         policy.dist.shutdown()
+
+
+@main.command()
+@with_options(model_options)
+@click.option("-n", "--num-samples", type=int, default=1000, show_default=True,
+              help="Items of the data to score (all of them if fewer).")
+@click.option("--batch-size", type=int, default=100, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Chooses the items, their dequantisation and trace-estimator vectors.")
+@click.option("--solver", type=click.Choice(["auto", "adaptive", "heun"]), default="auto",
+              show_default=True, help="auto: adaptive where torchdiffeq is installed and the "
+              "net accepts any sigma, else Heun steps through the schedule.")
+@click.option("--tolerance", type=float, default=1e-5, show_default=True,
+              help="rtol and atol of the adaptive solver.")
+@click.option("--raw-weights", is_flag=True, help="Use the raw, not the averaged, weights.")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@stops_on_signals
+@friendly_errors
+def likelihood(as_json: bool, run_dir: str | None, checkpoint: str | None,
+               recipe: str | None, **options: Any) -> None:
+    """Bits per dimension on the recipe's data (held-out where there is a split), by the
+    probability-flow ODE."""
+    import json
+
+    from scoretk.evaluation.bits_per_dim import LikelihoodRequest, format_table, measure
+    from scoretk.score import SolverError
+
+    as_path = lambda p: Path(p) if p else None  # noqa: E731
+    request = LikelihoodRequest(checkpoint=as_path(checkpoint), run_dir=as_path(run_dir),
+                                recipe=as_path(recipe), **options)
+    request.check()
+    with _LikelihoodProgress() as bar:
+        try:
+            res = measure(request, _registry(), bar)
+        except SolverError as exc:  # one line and status 1, as training's stop
+            if _debug():
+                raise
+            click.echo(f"error: {str(exc).splitlines()[0]}", err=True)
+            sys.exit(1)
+    click.echo(json.dumps(res, indent=1) if as_json else format_table(res))
+
+
+class _LikelihoodProgress:
+    """A tqdm bar in items for `measure`'s progress(done, total, evaluations) callback."""
+
+    def __init__(self):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(unit="item", dynamic_ncols=True, disable=None)
+
+    def __enter__(self) -> "_LikelihoodProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+    def __call__(self, done: int, total: int, evaluations: int) -> None:
+        self.bar.total = total
+        self.bar.set_postfix_str(f"{evaluations} evaluations per item", refresh=False)
+        self.bar.update(done - self.bar.n)
 
 
 def _sample_picture(file: str | Path, png: str | Path, count: int | None) -> None:
@@ -254,8 +379,11 @@ def evaluate(samples_path: str, as_json: bool, **kwargs: Any) -> None:
 @friendly_errors
 def inspect(file: str, grid: str | None, count: int | None) -> None:
     """Show what an HDF5 sample file holds."""
+    from scoretk.pictures import check_png_path
     from scoretk.store import describe
 
+    if grid:
+        check_png_path(grid, "--grid")
     click.echo(describe(file))
     if grid:
         _sample_picture(file, grid, count)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from scoretk.components import Condition
-from scoretk.score import ScoreFn
+from scoretk.score import ScoreFn, SolverError
 
 State = Union[Tensor, tuple[Tensor, ...]]
 Derivative = Callable[[float, State], State]
@@ -64,9 +64,9 @@ def integrate_adaptive(f: Derivative, y: State, t0: float, t1: float, *, rtol: f
         out = odeint(lambda s, state: f(float(s), state), y, t, rtol=rtol, atol=atol,
                      method=method)
     except AssertionError as exc:  # torchdiffeq's "underflow in dt": the error never fell
-        raise RuntimeError(f"the adaptive ODE solver failed ({exc}): the net's output is "
-                           "too rough for rtol/atol, or not finite; try tighter tolerances "
-                           "or the fixed-step solver") from None
+        raise SolverError(f"the adaptive ODE solver failed ({exc}): the net's output is "
+                          "too rough for rtol/atol, or not finite; try tighter tolerances "
+                          "or the fixed-step solver") from None
     return out[-1] if isinstance(out, Tensor) else tuple(o[-1] for o in out)
 
 

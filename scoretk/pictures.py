@@ -50,6 +50,9 @@ def new_figure(**kwargs: Any):
 def check_png_path(path: str | Path, option: str) -> Path:
     """Fail before any work if the picture could not be written there."""
     path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise PictureError(f"{option} {path}: pictures are written as PNG; give a file name "
+                           "ending in .png")
     if path.is_dir():
         raise PictureError(f"{option} {path}: is a directory, expected a file name")
     if not path.parent.is_dir():
@@ -177,7 +180,8 @@ def read_metrics(run: str | Path) -> tuple[list[dict], Path]:
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
-            by_step[int(record["step"])] = record
+            if "loss" in record:  # training records; evaluations (train.eval_every) aside
+                by_step[int(record["step"])] = record
         except (ValueError, KeyError, TypeError):
             continue
     if not by_step:

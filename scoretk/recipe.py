@@ -7,6 +7,9 @@ names the file and the dotted field, so a bad recipe fails in a second, not an h
 from __future__ import annotations
 
 import copy
+import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
@@ -93,6 +96,17 @@ class TrainConfig(_Strict):
     sample_every: int = Field(0, ge=0, description="write samples/step-N.png with the averaged "
                               "weights every N steps; 0: never")
     grid_size: int = Field(64, gt=0, description="samples in each of those grids")
+    eval_every: int = Field(0, ge=0, description="every N steps (and at the end) score "
+                            "eval_samples samples from the averaged weights against the "
+                            "training data, log the figures and keep checkpoints/best.pt; "
+                            "0: never")
+    eval_samples: int = Field(1000, gt=3, description="samples per evaluation (ncsnv2's fast "
+                              "FID uses 1,000; figures depend on N, docs/evaluation.md)")
+    eval_features: str = Field("auto", description="feature extractor (`scoretk describe "
+                               "features`); auto: inception_v3 for colour images, else pixels")
+    eval_metric: Literal["fid", "kid_mean", "precision", "recall", "density", "coverage"] = \
+        Field("fid", description="the figure that picks checkpoints/best.pt (FID and KID: "
+              "lower is better; the others: higher)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes reading batches; "
                              "0: read in the training process")
     time_limit_minutes: float | None = Field(
@@ -203,7 +217,7 @@ class Recipe(_Strict):
         try:
             recipe = cls.model_validate({**raw, **{s: placeholder for s in blocks}})
         except ValidationError as exc:
-            raise _from_validation(exc, source) from None
+            raise _from_validation(exc, source, model=cls) from None
         components = {section: _validate_component(block, section, COMPONENT_SECTIONS[section],
                                                    registry, source)
                       for section, block in blocks.items()}
@@ -233,27 +247,58 @@ def _validate_component(block: Any, section: str, kind: str, registry: Registry,
     try:
         params = comp.params.model_validate(block)
     except ValidationError as exc:
-        raise _from_validation(exc, source, prefix=section) from None
+        raise _from_validation(exc, source, prefix=section, model=comp.params) from None
     spec = ComponentSpec(kind=comp.name, params=params)
     spec._component = comp
     return spec
 
 
-def _from_validation(exc: ValidationError, source: str, prefix: str = "") -> RecipeError:
+def _from_validation(exc: ValidationError, source: str, prefix: str = "",
+                     model: type[BaseModel] | None = None) -> RecipeError:
     # An unknown key first: a typo ('trian') also makes the real field look missing.
-    err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
-    missing = [e["loc"][0] for e in exc.errors() if e["type"] == "missing" and len(e["loc"]) == 1]
-    if not prefix and err["type"] != "extra_forbidden" and missing:
-        return _missing_sections(missing, len(exc.errors()) - len(missing), source)
-    loc = ".".join(str(p) for p in err["loc"])
-    field = ".".join(p for p in (prefix, loc) if p) or None
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    missing = [e["loc"][0] for e in errors if e["type"] == "missing" and len(e["loc"]) == 1]
+    if not prefix and errors[0]["type"] != "extra_forbidden" and missing:
+        return _missing_sections(missing, len(errors) - len(missing), source)
+    where = [_field_path(e["loc"], model) for e in errors]
+    first = [e for e, w in zip(errors, where) if w == where[0]]  # one per union member
+    field = ".".join(p for p in (prefix, where[0]) if p) or None
+    if first[0]["type"] == "extra_forbidden":
         msg = "unknown field (not allowed here; check the spelling)"
-    more = len(exc.errors()) - 1
+    else:
+        msg = _join_alternatives([e["msg"].removeprefix("Value error, ") for e in first])
+    more = len(set(where)) - 1
     if more:
         msg += f" (and {more} more error{'s' if more > 1 else ''})"
     return RecipeError(source, field, msg)
+
+
+def _field_path(loc: tuple, model: type[BaseModel] | None) -> str:
+    """A pydantic error location as the dotted field a user wrote: the tags pydantic adds
+    inside a field for union members and validators ('constrained-float', "literal['auto']")
+    are dropped. Without a model, the location is kept as it is."""
+    parts: list[str] = []
+    in_model = True
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(str(part))
+        elif in_model:
+            parts.append(part)  # a field, or the unknown key of an extra_forbidden error
+            if model is not None:
+                field = model.model_fields.get(part)
+                annotation = field.annotation if field is not None else None
+                model = annotation if isinstance(annotation, type) and \
+                    issubclass(annotation, BaseModel) else None
+                in_model = model is not None
+    return ".".join(parts)
+
+
+def _join_alternatives(messages: list[str]) -> str:
+    """'Input should be greater than 0', "Input should be 'auto'" -> one message with 'or'."""
+    lead = "Input should be "
+    if len(messages) > 1 and all(m.startswith(lead) for m in messages):
+        return lead + ", or ".join(m[len(lead):] for m in messages)
+    return " or ".join(dict.fromkeys(messages))
 
 
 def _missing_sections(missing: list[str], others: int, source: str) -> RecipeError:
@@ -281,7 +326,7 @@ def parse_override(text: str) -> Override:
     if not all(keys):
         raise RecipeError("-o", key, "empty key in dotted path")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = safe_load(value) if value.strip() else None
     except yaml.YAMLError:
         parsed = value
     if isinstance(parsed, (dict, list)) and not value.strip().startswith(("[", "{")):
@@ -307,19 +352,77 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str | Override]) ->
     return raw
 
 
-def read_yaml(path: str | Path) -> Any:
-    """safe_load a file, turning every failure into a one-line RecipeError."""
-    path = Path(path)
+MAX_RECIPE_BYTES = 1 << 20
+"""A recipe is a few KB; a file far beyond that is a mistake (or /dev/zero), not a recipe."""
+MAX_YAML_DEPTH = 64
+"""Nesting deeper than any recipe needs is refused before it can exhaust Python's stack."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """safe_load's loader, refusing nesting deeper than MAX_YAML_DEPTH as it composes."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"nested more than {MAX_YAML_DEPTH} levels deep (line "
+                                     f"{mark.line + 1})")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def safe_load(text: str) -> Any:
+    """yaml.safe_load with a bound on nesting (see _BoundedLoader)."""
+    loader = _BoundedLoader(text)
     try:
-        text = path.read_text()
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _read_bounded(path: Path) -> str:
+    """A regular file's text, at most MAX_RECIPE_BYTES: a FIFO, a device or a directory is
+    refused before anything is read (opening without blocking, so a FIFO cannot hang)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise RecipeError(str(path), None, "file not found") from None
-    except IsADirectoryError:
-        raise RecipeError(str(path), None, "is a directory, expected a YAML file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(str(path), None, f"cannot read: {exc}") from None
+    except OSError as exc:
+        raise RecipeError(str(path), None, f"cannot read: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise RecipeError(str(path), None, "is a directory, expected a YAML file")
+        if not stat.S_ISREG(st.st_mode):
+            raise RecipeError(str(path), None, "not a regular file (a pipe or a device?); "
+                              "expected a YAML file")
+        try:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+        except OSError as exc:
+            raise RecipeError(str(path), None, f"cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(str(path), None, f"larger than {MAX_RECIPE_BYTES >> 20} MiB: not a "
+                          "recipe")
     try:
-        return yaml.safe_load(text)
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        raise RecipeError(str(path), None, f"cannot read: not UTF-8 text ({exc.reason} at "
+                          f"byte {exc.start})") from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """safe_load a file, turning every failure into a one-line RecipeError; the input is
+    bounded (a regular file, MAX_RECIPE_BYTES, MAX_YAML_DEPTH)."""
+    path = Path(path)
+    text = _read_bounded(path)
+    try:
+        return safe_load(text)
     except yaml.constructor.ConstructorError as exc:
         mark = f" (line {exc.problem_mark.line + 1})" if exc.problem_mark else ""
         raise RecipeError(str(path), None, f"unsupported YAML tag{mark}: only plain YAML "
@@ -327,7 +430,7 @@ def read_yaml(path: str | Path) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "syntax error"
+        problem = getattr(exc, "problem", None) or str(exc) or "syntax error"
         raise RecipeError(str(path), None, f"invalid YAML{where}: {problem}") from None
 
 
@@ -337,4 +440,35 @@ def load_recipe(path: str | Path, registry: Registry, overrides: list[str] = ())
         raise RecipeError(str(path), None, "empty recipe")
     if not isinstance(raw, dict):
         raise RecipeError(str(path), None, "a recipe must be a mapping of sections")
-    return Recipe.from_dict(apply_overrides(raw, list(overrides)), registry, source=str(path))
+    return with_overrides(raw, overrides, registry, source=str(path))
+
+
+def with_overrides(raw: dict[str, Any], overrides: Sequence[str | Override], registry: Registry,
+                   source: str) -> Recipe:
+    """The recipe `raw` with the overrides applied; an error in a field an override set
+    names that override (`-o sampler.eps=-1: ...`), not the file it came from."""
+    parsed = [parse_override(o) if isinstance(o, str) else o for o in overrides]
+    try:
+        return Recipe.from_dict(apply_overrides(raw, parsed), registry, source=source)
+    except RecipeError as exc:
+        blamed = _override_for(exc.field, parsed)
+        if blamed is None:
+            raise
+        keys, value = blamed
+        dotted = ".".join(keys)
+        shown = value if isinstance(value, str) else json.dumps(value)
+        text = f"-o {dotted}={shown if len(shown) <= 60 else shown[:57] + '...'}"
+        field = None if exc.field == dotted else exc.field
+        raise RecipeError(text, field, exc.message) from None
+
+
+def _override_for(field: str | None, overrides: list[Override]) -> Override | None:
+    """The last override that set `field`, a section around it, or a field inside it."""
+    if not field:
+        return None
+    parts = tuple(field.split("."))
+    for keys, value in reversed(overrides):
+        n = min(len(keys), len(parts))
+        if keys[:n] == parts[:n]:
+            return keys, value
+    return None

@@ -29,6 +29,11 @@ def require_any_sigma(net: nn.Module, who: str) -> None:
                          "False); keep to the schedule's sigmas")
 
 
+class SolverError(RuntimeError):
+    """An ODE solver gave up (past its evaluation budget, or its step size underflowed); the
+    message is one line saying what to try."""
+
+
 class ScoreFn:
     """s(x, sigma) = net(x, sigma, nearest level), counting evaluations of the whole batch.
 
@@ -58,8 +63,8 @@ class ScoreFn:
 
     def __call__(self, x: Tensor, sigma: float | Tensor) -> Tensor:
         if self.limit is not None and self.evaluations >= self.limit:
-            raise RuntimeError(f"the solver needed more than {self.limit} network evaluations "
-                               "per sample; raise the sampler's max_evaluations or its tolerances")
+            raise SolverError(f"the solver needed more than {self.limit} network evaluations "
+                              "per sample; raise the sampler's max_evaluations or its tolerances")
         B = x.shape[0]
         s = float(sigma)
         sig = torch.full((B,), s, device=x.device, dtype=x.dtype)

@@ -3,7 +3,9 @@
 Layout (contract): `samples` is uint8 (N, H, W, C) for images, float32 (N, D) for vectors,
 chunked by whole samples, gzip-compressed, resizable along N; `samples_float` (N, C, H, W)
 float32 is optional. Attributes carry the recipe, checkpoint path and sha256, sampler settings,
-seed, versions, `num_written` and `complete`.
+seed, versions, `num_written`, `complete`, and `network_evaluations`: the network evaluations
+the written rows cost, summed over them (an adaptive solver's real count, which
+`evaluations_per_sample` in the sampler settings only bounds).
 
 Each batch is one commit through `scoretk.journal`: HDF5 writes into memory, and the bytes go
 to disk behind a rollback journal, so no write (killed at any point, or failing for a full
@@ -44,7 +46,7 @@ sample, so reading one image decodes one small chunk, and gzip still has enough 
 VERIFY_BYTES = 1 << 25
 """`verify` decodes the rows this many (uncompressed) bytes at a time."""
 IDENTITY = ("recipe", "checkpoint_sha256", "sampler_settings", "seed", "num_samples",
-            "raw_weights", "item_shape", "keep_float")
+            "raw_weights", "item_shape", "keep_float", "control")
 """Attributes that decide the samples' values: a resume must agree on all of them."""
 REQUIRED = ("num_written", "num_samples", "complete", "item_shape")
 """Attributes without which the rows cannot be interpreted or resumed."""
@@ -223,7 +225,7 @@ def _new_file(item_shape: tuple[int, ...], attrs: dict[str, Any], keep_float: bo
                 "keep_float": bool(keep_float and is_image),
                 "scoretk_version": __version__, "torch_version": torch.__version__,
                 "h5py_version": h5py.__version__, "hdf5_version": h5py.version.hdf5_version,
-                "num_written": 0, "complete": False}
+                "num_written": 0, "complete": False, "network_evaluations": 0}
         for key, value in meta.items():
             if value is None:
                 continue
@@ -281,6 +283,12 @@ class SampleStore:
     @property
     def complete(self) -> bool:
         return bool(self.attrs["complete"])
+
+    @property
+    def evaluations(self) -> int:
+        """Network evaluations the written rows cost, summed over them (0 in files written
+        before scoretk counted them)."""
+        return int(self.attrs.get("network_evaluations", 0))
 
     @property
     def item_shape(self) -> tuple[int, ...]:
@@ -416,12 +424,14 @@ class SampleStore:
         self.rows = n
         self.attrs["num_written"] = n
 
-    def append(self, x: Tensor, start: int | None = None) -> int:
+    def append(self, x: Tensor, start: int | None = None, evaluations: int = 0) -> int:
         """Append a float batch (B, *item_shape) after the file's `num_written` rows (which must
-        equal `start` if given); returns the new `num_written`.
+        equal `start` if given); returns the new `num_written`. `evaluations`: the network
+        evaluations the batch cost (per sample, summed over its rows).
 
-        One commit: the rows, `num_written` and `complete` change together or not at all.
-        The count is read from the file, so several processes can append in turn.
+        One commit: the rows, `num_written`, `complete` and `network_evaluations` change
+        together or not at all. The counts are read from the file, so several processes can
+        append in turn.
         """
         if tuple(x.shape[1:]) != self.item_shape:
             raise StoreError(f"{self.path}: batch of shape {tuple(x.shape)} does not match "
@@ -438,10 +448,13 @@ class SampleStore:
                 if name in f:
                     f[name].resize(n + b, axis=0)
                     f[name][n:n + b] = data
+            total = int(f.attrs.get("network_evaluations", 0)) + int(evaluations)
             f.attrs["num_written"] = n + b
             f.attrs["complete"] = n + b >= self.num_samples
+            f.attrs["network_evaluations"] = total
         self.rows = n + b
-        self.attrs.update(num_written=n + b, complete=n + b >= self.num_samples)
+        self.attrs.update(num_written=n + b, complete=n + b >= self.num_samples,
+                          network_evaluations=total)
         return n + b
 
     # ------------------------------------------------------------------------ reading
@@ -486,13 +499,17 @@ def describe(path: str | Path) -> str:
                              f"{ds.compression or 'uncompressed'}")
     lines += [f"num_written: {store.num_written} of {store.num_samples}",
               f"complete: {_state(store)}"]
+    if store.num_written and "network_evaluations" in a:
+        lines.append(f"network_evaluations: {store.evaluations:,} "
+                     f"({store.evaluations / store.num_written:.1f} per sample)")
     if store.rows > store.num_written:
         lines.append(f"note: {store.rows - store.num_written} row(s) beyond num_written are "
                      "an unfinished write and are ignored")
     with contextlib.suppress(ValueError, KeyError):
         lines.append(f"recipe: {json.loads(a['recipe'])['name']}")
     for key in ("layout", "seed", "batch_size", "raw_weights", "checkpoint", "checkpoint_sha256",
-                "sampler_settings", "scoretk_version", "torch_version", "h5py_version"):
+                "recipe_file", "sampler_settings", "control", "scoretk_version",
+                "torch_version", "h5py_version"):
         if key in a:
             lines.append(f"{key}: {a[key]}")
     return "\n".join(lines)

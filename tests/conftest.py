@@ -17,7 +17,8 @@ from scoretk.plugins import PluginRegistrar
 from scoretk.registry import Registry
 
 TESTS = Path(__file__).parent
-PLUGIN_PACKAGES = [TESTS / "plugins" / "scoretk_hello", TESTS / "plugins" / "scoretk_broken"]
+PLUGIN_PACKAGES = [TESTS / "plugins" / "scoretk_hello", TESTS / "plugins" / "scoretk_broken",
+                   TESTS / "plugins" / "scoretk_faults"]
 
 TOY_RECIPE = {
     "name": "toy",
@@ -86,11 +87,12 @@ def with_plugin_site(plugin_site, monkeypatch):
     return plugin_site
 
 
-def run_cli(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None, cwd=None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `python -m scoretk ...` in a fresh process (what a user's shell does)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "scoretk", *args], capture_output=True,
-                          text=True, env=full_env, cwd=cwd, timeout=600)
+                          text=True, env=full_env, cwd=cwd, timeout=timeout)
 
 
 def assert_one_line_error(result, *needles: str) -> None:

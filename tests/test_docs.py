@@ -76,3 +76,20 @@ def test_links_between_documents_resolve(doc):
         assert path.exists(), f"{doc.name}: link to missing {target}"
         if anchor:
             assert anchor in anchors(path), f"{doc.name}: no anchor #{anchor} in {path.name}"
+
+
+def test_readme_layout_names_every_module_and_document():
+    """The README's layout block lists each module and package of scoretk/ and plugins/ by
+    name, and each document in docs/: a new file without a place there fails here."""
+    text = ROOT.joinpath("README.md").read_text()
+    layout = re.search(r"## Layout\n\n```\n(.*?)```", text, re.S).group(1)
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", layout))
+    missing = []
+    for top in ("scoretk", "plugins"):
+        for path in (ROOT / top).rglob("*.py"):
+            name = path.parent.name if path.name == "__init__.py" else path.stem
+            if name not in words and name not in ("__main__", top):
+                missing.append(str(path.relative_to(ROOT)))
+    missing += [d.name for d in (ROOT / "docs").glob("*.md")
+                if d.stem not in words and d.name != "README.md"]
+    assert not missing, f"not in README.md's layout section: {missing}"

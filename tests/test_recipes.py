@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import yaml
@@ -10,7 +11,7 @@ from click.testing import CliRunner
 from scoretk.cli import main
 from scoretk.plugins import default_registry
 from scoretk.recipe import RecipeError, Recipe, load_recipe
-from conftest import TOY_RECIPE
+from conftest import TOY_RECIPE, run_cli
 
 
 def mutate(fn):
@@ -73,14 +74,29 @@ BAD = [  # (id, file text or None for a missing file, extra CLI args, text the m
     ("file-not-found", None, [], "file not found"),
     ("bad-override-value", mutate(lambda r: None), ["-o", "train.iterations=abc"], "train.iterations"),
     ("bad-override-syntax", mutate(lambda r: None), ["-o", "train.iterations"], "dotted.key=value"),
-    ("unknown-override", mutate(lambda r: None), ["-o", "net.widht=3"], "net.widht: unknown field"),
+    ("unknown-override", mutate(lambda r: None), ["-o", "net.widht=3"],
+     "error: -o net.widht=3: unknown field"),
+    ("override-blamed", mutate(lambda r: None), ["-o", "sampler.eps=-1"],
+     "error: -o sampler.eps=-1: Input should be greater than 0, or 'auto'"),
+    ("override-inside-a-section", mutate(lambda r: None), ["-o", "net={kind: mlp, hiden: 3}"],
+     'error: -o net={"kind": "mlp", "hiden": 3}: net.hiden: unknown field'),
+    ("override-deep-value", mutate(lambda r: None),
+     ["-o", "net.hidden=" + "[" * 50000 + "]" * 50000], "error: -o net.hidden=[[[[[[[["),
+    ("deep-nesting", "name: " + "[" * 100000 + "]" * 100000, [],
+     "invalid YAML: nested more than 64 levels deep (line 1)"),
+    ("deep-mapping", "a:\n" + "".join(" " * i + "b:\n" for i in range(1, 200)), [],
+     "nested more than 64 levels deep"),
+    ("too-large", mutate(_set(["description"], "x" * (1 << 20))), [], "larger than 1 MiB"),
+    ("not-utf8", b"name: \xff\xfe\n", [], "not UTF-8"),
 ]
 
 
 @pytest.mark.parametrize("text,args,expected", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_bad_recipe_exits_2_with_one_line(tmp_path, text, args, expected):
     path = tmp_path / "bad.yaml"
-    if text is not None:
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    elif text is not None:
         path.write_text(text)
     result = CliRunner().invoke(main, ["recipe", "validate", str(path), *args])
     assert result.exit_code == 2, result.output
@@ -88,7 +104,38 @@ def test_bad_recipe_exits_2_with_one_line(tmp_path, text, args, expected):
     assert len(lines) == 1, result.output
     assert lines[0].startswith("error: ")
     assert expected in lines[0]
-    assert "Traceback" not in result.output
+    assert "Traceback" not in result.output and len(lines[0]) < 300
+
+
+@pytest.mark.parametrize("field,value", [("sampler.eps", "-1"), ("sampler.eps", "abc"),
+                                         ("optim.betas", "[1, a]"), ("train.batch_threads", "0"),
+                                         ("optim.grad_clip", "-1"), ("train.time_limit_minutes", "x")])
+def test_pydantic_internals_never_reach_the_message(write_recipe, toy_recipe, field, value):
+    result = CliRunner().invoke(main, ["recipe", "validate", str(write_recipe(toy_recipe)),
+                                       "-o", f"{field}={value}"])
+    assert result.exit_code == 2
+    line = result.output.strip()
+    assert line.startswith(f"error: -o {field}=") and "Value error" not in line, line
+    for tag in ("constrained", "literal[", "function-", "float]", "union", "json-or-python"):
+        assert tag not in line, line
+
+
+def _special_file(kind: str, tmp_path):
+    if kind == "fifo":
+        path = tmp_path / "recipe.yaml"
+        os.mkfifo(path)
+        return str(path)
+    return "/dev/zero"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_recipe_must_be_a_regular_file(tmp_path, kind):
+    """A FIFO would block the read for ever, /dev/zero fill memory: both are refused at once."""
+    path = _special_file(kind, tmp_path)
+    out = run_cli("recipe", "validate", path, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == f"error: {path}: not a regular file (a pipe or a device?); " \
+                                 "expected a YAML file"
 
 
 def test_debug_flag_shows_traceback(tmp_path):

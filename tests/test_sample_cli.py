@@ -28,7 +28,7 @@ from scoretk.cli import main
 from scoretk.plugins import default_registry
 from scoretk.recipe import Recipe
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, run_cli
 
 TOY = {"name": "toy", "data": {"kind": "toy2d", "n": 500},
        "schedule": {"kind": "geometric", "sigma_max": 5.0, "sigma_min": 0.1, "num_levels": 3},
@@ -423,6 +423,7 @@ def test_bad_checkpoints_are_one_line_errors_and_leave_the_output_alone(ckpts, t
     (["-o", "sampler.steps_per_level=0"], "sampler.steps_per_level"),
     (["-o", "sampler.nonsense=1"], "sampler.nonsense"),
     (["--grid", "nodir/g.png"], "does not exist"),
+    (["--grid", "g.txt"], "--grid g.txt: pictures are written as PNG"),
 ])
 def test_bad_arguments_are_one_line_errors(ckpts, tmp_path, args, needle):
     out = tmp_path / "keep.h5"
@@ -529,3 +530,48 @@ def test_inspect_and_grids(ckpts, tmp_path):
     assert cli("inspect", toy, "--grid", tmp_path / "t.png").exit_code == 0
     assert Image.open(tmp_path / "t.png").size == (600, 600)
     assert_one_line_error(cli("inspect", tmp_path / "none.h5"), "not found")
+
+
+def test_inspect_grid_must_be_a_png(ckpts, tmp_path):
+    out = tmp_path / "i.h5"
+    sample(ckpts["toy"], out, "-n", "8")
+    assert_one_line_error(cli("inspect", out, "--grid", tmp_path / "g.txt"),
+                          "pictures are written as PNG")
+    assert not (tmp_path / "g.txt").exists()
+
+
+# --- signals and preflight ----------------------------------------------------------------
+
+@pytest.mark.parametrize("signum,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_while_sampling_leaves_a_file_that_resumes(ckpts, tmp_path, signum, status):
+    from scoretk.store import SampleStore
+
+    ref, out = tmp_path / "ref.h5", tmp_path / "stopped.h5"
+    args = ["-n", "1000", "--batch-size", "50", "-o", "sampler.steps_per_level=10"]
+    proc = start_sampling(ckpts["toy"], out, *args)
+    assert wait_for_rows(proc, out) > 0, proc.stderr.read()
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == status, err
+    n = SampleStore(out).num_written
+    assert err.rstrip().endswith(f"interrupted: {out} is valid and holds {n} samples; "
+                                 f"`scoretk sample --out {out} --resume` continues it")
+    sample(ckpts["toy"], ref, *args)
+    sample(ckpts["toy"], out, "--resume", *args)
+    np.testing.assert_array_equal(rows(out), rows(ref))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--batch-size", "50000000", "-n", "50000000"], "batch size 50,000,000: one batch needs "
+                                                     "about"),
+    (["-n", str(10**15)], "-n 1,000,000,000,000,000: "),
+])
+def test_requests_beyond_memory_or_disk_are_refused_before_writing(ckpts, tmp_path, args,
+                                                                   needle):
+    out = tmp_path / "big.h5"
+    result = run_cli("sample", "--checkpoint", str(ckpts["toy"]), "--out", str(out),
+                     "--device", "cpu", *args, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: {needle}") and result.stderr.count("\n") == 1, \
+        result.stderr
+    assert not out.exists()

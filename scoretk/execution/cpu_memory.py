@@ -12,6 +12,8 @@ less time (benchmarks/README.md).
 The process then keeps its peak heap, which every step reaches anyway. Only glibc's malloc is
 tuned, and not where the environment sets these thresholds itself (MALLOC_MMAP_THRESHOLD_,
 MALLOC_TRIM_THRESHOLD_). A preloaded allocator (jemalloc, tcmalloc) does not read them.
+
+`available_bytes` says how much memory is left, for the preflight checks of big requests.
 """
 from __future__ import annotations
 
@@ -38,3 +40,26 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def available_bytes() -> int | None:
+    """Memory this process can still get without swapping: the kernel's MemAvailable, or what
+    the process's cgroup still allows if that is less; None where neither is known. For
+    preflight checks, which refuse a request far beyond it before anything is written."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, \
+                open("/sys/fs/cgroup/memory.current") as g:
+            limit = f.read().strip()
+            if limit != "max":
+                found.append(int(limit) - int(g.read().strip()))
+    except (OSError, ValueError):
+        pass
+    return max(min(found), 0) if found else None

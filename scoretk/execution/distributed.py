@@ -62,8 +62,18 @@ def setup_distributed(device: str = "auto") -> Dist:
         cuda = device in ("auto", "cuda") and torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(local)
-        tdist.init_process_group("nccl" if cuda else "gloo", timeout=BARRIER_TIMEOUT)
+        tdist.init_process_group("nccl" if cuda else "gloo", store=_attempt_store(rank, world),
+                                 rank=rank, world_size=world, timeout=BARRIER_TIMEOUT)
     return Dist(rank, world, local)
+
+
+def _attempt_store(rank: int, world: int) -> tdist.Store:
+    """torchrun's store, seen under a prefix of its own for each restart of the job. The agent
+    keeps one store across restarts, and without the prefix the restarted processes read the
+    addresses the killed ones published, and fail or hang connecting to them."""
+    store, _, _ = next(tdist.rendezvous("env://", rank, world, timeout=BARRIER_TIMEOUT))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return tdist.PrefixStore(f"scoretk/attempt-{attempt}", store)
 
 
 def pick_device(name: str, dist: Dist) -> torch.device:

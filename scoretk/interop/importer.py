@@ -21,7 +21,7 @@ from torch import nn
 
 import scoretk
 from scoretk import assemble
-from scoretk.checkpoint import CheckpointError, RunDir, atomic_write_text, sha256_file
+from scoretk.checkpoint import CheckpointError, RunDir, sha256_file
 from scoretk.interop.reference import (CLASS_NAMES, ReleasedCheckpoint, adam_step,
                                        convert_adam_state, convert_weights, ema_weights,
                                        read_released)
@@ -121,7 +121,7 @@ def _write_run(run_dir: Path, recipe: Recipe, state: dict) -> Path:
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the run from other users
         run = RunDir(tmp).create()
-        atomic_write_text(run.recipe, recipe.to_yaml())
+        run.write_text(run.recipe, recipe.to_yaml(), "resolved recipe")  # listed as scoretk's
         written = run.save(state, state["step"], keep=1)
         if run_dir.exists():
             run_dir.rmdir()  # empty (checked above); rename needs the name free

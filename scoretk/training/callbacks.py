@@ -17,6 +17,7 @@ from scoretk.recipe import Recipe
 from scoretk.rng import PerSampleNoise, derive_seed, global_rng_state
 from scoretk.training.builder import Trainer
 from scoretk.training.log import LogWindow, write_record
+from scoretk.training.quality import EvalSetup, EvaluateSamples
 from scoretk.training.run import TrainingRun
 
 
@@ -40,18 +41,24 @@ class Session:
     bar: tqdm
     writer: Any  # a tensorboard SummaryWriter or None
     last_checkpoint: Path | None = None
+    step: int = 0  # steps done
+    best: dict[str, Any] | None = None  # train.eval_every's best figure so far, and its step
 
     @property
     def is_main(self) -> bool:
         return self.policy.dist.is_main
 
+    def checkpoint_state(self, step: int) -> dict[str, Any]:
+        """Everything a resume needs."""
+        return {**self.trainer.state_dict(), "step": step, "recipe": self.recipe.dump(),
+                "shape": list(self.item_shape), "rng": global_rng_state(),
+                "eval_best": self.best, "scoretk_version": scoretk.__version__,
+                "torch_version": str(torch.__version__)}
+
     def save(self, step: int) -> Path:
-        """Write a checkpoint of everything a resume needs (rank 0 only)."""
-        state = {**self.trainer.state_dict(), "step": step, "recipe": self.recipe.dump(),
-                 "shape": list(self.item_shape), "rng": global_rng_state(),
-                 "scoretk_version": scoretk.__version__,
-                 "torch_version": str(torch.__version__)}
-        self.last_checkpoint = self.run.save(state, step, self.recipe.train.keep_checkpoints)
+        """Write a numbered checkpoint (rank 0 only)."""
+        self.last_checkpoint = self.run.save(self.checkpoint_state(step), step,
+                                             self.recipe.train.keep_checkpoints)
         return self.last_checkpoint
 
 
@@ -102,7 +109,8 @@ class PreviewGrid:
             x = t.model.sampler.sample(self.s.policy.for_sampling_net(t.net), t.model.schedule,
                                        t.model.shape, noise, device=device)
         t.net.train(was_training)
-        save_grid(x.float().cpu(), self.s.run.dir.samples / f"step-{info.step:08d}.png")
+        run = self.s.run.dir
+        save_grid(x.float().cpu(), run.claim(run.samples / f"step-{info.step:08d}.png"))
 
 
 class SaveCheckpoint:
@@ -120,5 +128,6 @@ class SaveCheckpoint:
         self.s.policy.dist.barrier()
 
 
-def default_callbacks(session: Session) -> list[Periodic]:
-    return [LogMetrics(session), PreviewGrid(session), SaveCheckpoint(session)]
+def default_callbacks(session: Session, evaluation: EvalSetup | None = None) -> list[Periodic]:
+    return [LogMetrics(session), PreviewGrid(session), EvaluateSamples(session, evaluation),
+            SaveCheckpoint(session)]

@@ -53,8 +53,7 @@ class LogWindow:
 
 def write_record(run: RunDir, record: dict, writer) -> None:
     """One line of metrics.jsonl (and the scalars to tensorboard, when it is there)."""
-    with open(run.metrics, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    run.append_line(run.metrics, json.dumps(record), "metrics")
     if writer is not None:
         for key in ("loss", "grad_norm", "items_per_s"):
             writer.add_scalar(f"train/{key}", record[key], record["step"])
@@ -66,4 +65,5 @@ def open_tensorboard(run: RunDir):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
         return None
-    return SummaryWriter(str(run.path / "tensorboard"))
+    folder = run.claim_folder("tensorboard", "events.out.tfevents.*")
+    return SummaryWriter(str(folder))

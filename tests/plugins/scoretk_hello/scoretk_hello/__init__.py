@@ -1,4 +1,5 @@
-"""A complete third-party scoretk plugin: a Schedule, `linear`, and a ScoreNet, `tiny`."""
+"""A complete third-party scoretk plugin: a Schedule, `linear`, and two ScoreNets: `tiny`, to
+train, and `gaussian`, an exact score with nothing to train."""
 import math
 
 import torch
@@ -47,9 +48,35 @@ def build_tiny(p: TinyParams, *, shape, num_levels):
     return TinyNet(math.prod(shape), p.hidden)
 
 
+class GaussianParams(Params):
+    mean: float = Field(0.0, description="every value's mean")
+    std: float = Field(1.0, gt=0, description="every value's standard deviation")
+
+
+class GaussianScore(ScoreNet):
+    """The exact score of N(mean, std^2 I) noised at sigma: -(x - mean) / (std^2 + sigma^2).
+    No trainable parameters: `scoretk sample --recipe` samples it without a checkpoint."""
+
+    batch_independent = True
+
+    def __init__(self, mean: float, std: float):
+        super().__init__()
+        self.mean, self.var = mean, std**2
+
+    def forward(self, x, sigma, level):
+        sigma = sigma.to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+        return -(x - self.mean) / (self.var + sigma**2)
+
+
+def build_gaussian(p: GaussianParams, *, shape, num_levels):
+    return GaussianScore(p.mean, p.std)
+
+
 @hookimpl
 def scoretk_register(registry):
     registry.add("schedule", "linear", LinearSchedule, LinearParams,
                  "sigmas evenly spaced from sigma_max down to sigma_min")
     registry.add("net", "tiny", build_tiny, TinyParams,
                  "one-hidden-layer MLP divided by sigma, for any item shape")
+    registry.add("net", "gaussian", build_gaussian, GaussianParams,
+                 "the exact score of N(mean, std^2 I) data, for any item shape (no training)")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from scoretk.components import Schedule
 from scoretk.execution.batch_threads import (AUTO_MIN_CHUNK_VALUES, BatchThreads, in_threads,
                                    split_batches)
 from scoretk.recipe import TrainConfig
@@ -70,9 +71,8 @@ def test_split_dsm_loss_and_parameter_gradients_match():
     random draws (the loss draws them before calling the net)."""
     net = refinenet("ncsnv2")
 
-    class Sched:
+    class Sched(Schedule):
         sigmas = torch.tensor([5.0, 2.0, 0.8, 0.3, 0.1])
-        num_levels = 5
 
         def sample_levels(self, n, generator, device):
             return torch.randint(0, 5, (n,), generator=generator)

@@ -33,7 +33,7 @@ def test_recipe_show_reports_the_reference_figures():
 
 
 def test_recipe_show_resolves_auto_values_when_the_data_are_at_hand():
-    result = CliRunner().invoke(main, ["recipe", "show", "recipes/quickstart_digits.yaml"])
+    result = CliRunner().invoke(main, ["recipe", "show", "recipes/ncsnv2_digits.yaml"])
     assert result.exit_code == 0, result.output
     resolved = yaml.safe_load(result.output.split("---")[0])
     assert abs(resolved["schedule"]["sigma_max"] - 4.8) < 0.01  # technique 1 on the digits
@@ -54,7 +54,7 @@ def test_recipe_show_with_auto_values_and_no_data_says_what_it_could_not_resolve
 def test_plan_resolves_and_writes(tmp_path):
     out = tmp_path / "planned.yaml"
     # docs/theory.md#worked-example-digits: the digits down to sigma 0.01 with T = 5
-    result = CliRunner().invoke(main, ["plan", "recipes/quickstart_digits.yaml", "--write", str(out),
+    result = CliRunner().invoke(main, ["plan", "recipes/ncsnv2_digits.yaml", "--write", str(out),
                                        "-o", "schedule.sigma_min=0.01",
                                        "-o", "sampler.steps_per_level=5"])
     assert result.exit_code == 0, result.output

@@ -198,7 +198,7 @@ def test_train_and_sample_on_cuda_through_the_cli(tmp_path):
     algorithm per batch shape)."""
     run = tmp_path / "run"
     result = CliRunner().invoke(main, [
-        "train", "recipes/quickstart_digits.yaml", "--run-dir", str(run),
+        "train", "recipes/ncsnv2_digits.yaml", "--run-dir", str(run),
         "-o", "net={kind: ncsnv2, ngf: 8}", "-o", "data.size=16", "-o", "train.device=cuda",
         "-o", "train.iterations=20", "-o", "train.batch_size=16", "-o", "train.log_every=10",
         "-o", "train.time_limit_minutes=null", "-o", "train.checkpoint_every=10"])

@@ -397,7 +397,7 @@ def plot(run: str, out: str | None) -> None:
     """Loss curves of a training run from RUN/metrics.jsonl: overall and per noise level."""
     from scoretk.pictures import plot_metrics
 
-    click.echo(f"wrote {plot_metrics(run, out)}")
+    click.echo(f"wrote {plot_metrics(run, out, _registry())}")
 
 
 @main.command()

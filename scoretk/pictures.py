@@ -189,10 +189,13 @@ def read_metrics(run: str | Path) -> tuple[list[dict], Path]:
     return [by_step[s] for s in sorted(by_step)], path
 
 
-def plot_metrics(run: str | Path, png: str | Path | None = None) -> Path:
+def plot_metrics(run: str | Path, png: str | Path | None = None,
+                 registry: Registry | None = None) -> Path:
     """Two panels: the loss over steps, and the mean loss of each band of noise levels
-    (largest sigmas first) over steps. Returns the PNG's path (default RUN/loss.png)."""
+    (largest sigmas first) over steps, labelled with their sigmas when the run's recipe can
+    be read through `registry`. Returns the PNG's path (default RUN/loss.png)."""
     records, path = read_metrics(run)
+    sigmas = _run_sigmas(path.parent, registry) if registry is not None else None
     png = check_png_path(png or path.parent / "loss.png", "--out")
     fig = new_figure(figsize=(12, 4.5), dpi=100)
     overall, bands = fig.subplots(1, 2)
@@ -202,7 +205,7 @@ def plot_metrics(run: str | Path, png: str | Path | None = None) -> Path:
     for name in _band_names(records):
         pts = [(r["step"], r["level_loss"][name]) for r in records
                if name in r.get("level_loss", {})]
-        bands.plot(*zip(*pts), label=name.replace("_", " "))
+        bands.plot(*zip(*pts), label=_band_label(name, sigmas))
     bands.set_title("loss by noise level (level 0: largest sigma)")
     if bands.lines:
         bands.legend()
@@ -215,6 +218,28 @@ def plot_metrics(run: str | Path, png: str | Path | None = None) -> Path:
     fig.tight_layout()
     atomic_write(png, lambda f: fig.savefig(f, format="png"))
     return png
+
+
+def _run_sigmas(run: Path, registry: Registry) -> list[float] | None:
+    """The run's noise levels from its resolved recipe.yaml; None when it cannot be read
+    (the plot then names levels by number only)."""
+    from scoretk.assemble import build_schedule
+    from scoretk.recipe import Recipe, read_yaml
+
+    try:
+        recipe = Recipe.from_dict(read_yaml(run / "recipe.yaml"), registry)
+        return [float(s) for s in build_schedule(recipe, registry).sigmas]
+    except Exception:  # a plot must not fail for want of labels
+        return None
+
+
+def _band_label(name: str, sigmas: list[float] | None) -> str:
+    """'levels_0-4' -> 'levels 0-4 (sigma 80 to 12)' when the sigmas are known."""
+    label = name.replace("_", " ")
+    first, _, last = name.removeprefix("levels_").partition("-")
+    if sigmas is None or not (first.isdigit() and last.isdigit()) or int(last) >= len(sigmas):
+        return label
+    return f"{label} (sigma {sigmas[int(first)]:.3g} to {sigmas[int(last)]:.3g})"
 
 
 def _band_names(records: list[dict]) -> list[str]:

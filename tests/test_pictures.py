@@ -150,3 +150,12 @@ def test_without_matplotlib_one_line_names_the_extra(tmp_path, monkeypatch):
     store = store_of(tmp_path / "d.h5", DIGITS_RECIPE, torch.rand(4, 1, 8, 8))
     pictures.sample_picture(store.path, tmp_path / "g.png")
     assert Image.open(tmp_path / "g.png").size[0] > 0
+
+
+def test_level_bands_are_labelled_with_their_sigmas():
+    from scoretk.pictures import _band_label
+
+    sigmas = [40.0, 20.0, 10.0, 5.0]
+    assert _band_label("levels_0-1", sigmas) == "levels 0-1 (sigma 40 to 20)"
+    assert _band_label("levels_2-3", None) == "levels 2-3"  # the recipe could not be read
+    assert _band_label("levels_2-9", sigmas) == "levels 2-9"  # not this run's levels

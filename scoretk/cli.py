@@ -7,12 +7,13 @@ message and status 130/143, whatever they are doing when the signal comes.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -219,9 +220,25 @@ def sample(**options: Any) -> None:
     request.check()  # the --grid path too, before any work
     policy = ExecutionPolicy.for_sampling(request.device).setup_process()
     try:
-        run_sampling(request, _registry(), policy)
+        with _solver_stops():
+            run_sampling(request, _registry(), policy)
     finally:
         policy.dist.shutdown()
+
+
+@contextlib.contextmanager
+def _solver_stops() -> Iterator[None]:
+    """An ODE solver giving up is one line and status 1, as a training run's stop (the rows
+    written so far stay, and --resume continues them)."""
+    from scoretk.score import SolverError
+
+    try:
+        yield
+    except SolverError as exc:
+        if _debug():
+            raise
+        click.echo(f"error: {str(exc).splitlines()[0]}", err=True)
+        sys.exit(1)
 
 
 @main.command()
@@ -248,20 +265,13 @@ def likelihood(as_json: bool, run_dir: str | None, checkpoint: str | None,
     import json
 
     from scoretk.evaluation.bits_per_dim import LikelihoodRequest, format_table, measure
-    from scoretk.score import SolverError
 
     as_path = lambda p: Path(p) if p else None  # noqa: E731
     request = LikelihoodRequest(checkpoint=as_path(checkpoint), run_dir=as_path(run_dir),
                                 recipe=as_path(recipe), **options)
     request.check()
-    with _LikelihoodProgress() as bar:
-        try:
-            res = measure(request, _registry(), bar)
-        except SolverError as exc:  # one line and status 1, as training's stop
-            if _debug():
-                raise
-            click.echo(f"error: {str(exc).splitlines()[0]}", err=True)
-            sys.exit(1)
+    with _LikelihoodProgress() as bar, _solver_stops():
+        res = measure(request, _registry(), bar)
     click.echo(json.dumps(res, indent=1) if as_json else format_table(res))
 
 

@@ -7,6 +7,7 @@ are a tensor or a tuple of tensors (the likelihood carries x and the log-density
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Union
 
 import torch
@@ -51,18 +52,30 @@ def integrate_heun(f: Derivative, y: State, ts: list[float]) -> State:
 
 def integrate_adaptive(f: Derivative, y: State, t0: float, t1: float, *, rtol: float,
                        atol: float, method: str = "dopri5") -> State:
-    """torchdiffeq's adaptive solver from t0 to t1. The step size follows the error of the
-    whole batch, so a sample agrees across batch layouts to the tolerances, not bit for bit."""
+    """torchdiffeq's adaptive solver from sigma t0 to sigma t1 (both > 0), in u = log sigma:
+    dy/du = sigma dy/dsigma. The solver steps past its end point and interpolates back, and
+    in sigma that would evaluate the net at negative noise levels; in log sigma every point
+    is a noise level, and steps come out geometric, as the schedules are. The step size
+    follows the error of the whole batch, so a sample agrees across batch layouts to the
+    tolerances, not bit for bit."""
     try:
         from torchdiffeq import odeint
     except ImportError:
         raise ValueError("the adaptive ODE solver needs torchdiffeq: pip install "
                          "'scoretk[ode]', or use the fixed-step solver (solver: heun)") from None
+    if not (t0 > 0 and t1 > 0):
+        raise ValueError(f"the adaptive solver integrates between positive noise levels "
+                         f"(got {t0} to {t1})")
     first = y if isinstance(y, Tensor) else y[0]
-    t = torch.tensor([t0, t1], dtype=first.dtype, device=first.device)
+    u = torch.tensor([math.log(t0), math.log(t1)], dtype=first.dtype, device=first.device)
+
+    def in_log_sigma(u_now: Tensor, state: State) -> State:
+        sigma = math.exp(float(u_now))
+        d = f(sigma, state)
+        return d * sigma if isinstance(d, Tensor) else tuple(part * sigma for part in d)
+
     try:
-        out = odeint(lambda s, state: f(float(s), state), y, t, rtol=rtol, atol=atol,
-                     method=method)
+        out = odeint(in_log_sigma, y, u, rtol=rtol, atol=atol, method=method)
     except AssertionError as exc:  # torchdiffeq's "underflow in dt": the error never fell
         raise SolverError(f"the adaptive ODE solver failed ({exc}): the net's output is "
                           "too rough for rtol/atol, or not finite; try tighter tolerances "

@@ -335,7 +335,9 @@ def parse_override(text: str) -> Override:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str | Override]) -> dict[str, Any]:
-    """A copy of `raw` with each override (text or already parsed) applied in order."""
+    """A copy of `raw` with each override (text or already parsed) applied in order. One that
+    changes a block's `kind` (`-o sampler.kind=heun`) starts the block afresh, so later
+    overrides set the new kind's parameters and the rest take its defaults."""
     raw = copy.deepcopy(raw)
     for override in overrides:
         keys, value = parse_override(override) if isinstance(override, str) else override
@@ -348,6 +350,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str | Override]) ->
                 raise RecipeError("-o", ".".join(keys[: i + 1]),
                                   "cannot override inside a non-mapping value")
             node = child
+        if keys[-1] == "kind" and isinstance(node.get("kind"), str) and node["kind"] != value:
+            node.clear()  # another component: the old kind's parameters do not apply to it
         node[keys[-1]] = value
     return raw
 

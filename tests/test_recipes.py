@@ -172,3 +172,14 @@ def test_shipped_recipes_validate():
     for path in recipes:
         result = CliRunner().invoke(main, ["recipe", "validate", str(path)])
         assert result.exit_code == 0, (path, result.output)
+
+
+def test_an_override_of_kind_starts_the_block_afresh():
+    from scoretk.recipe import apply_overrides
+
+    raw = {"sampler": {"kind": "heun", "s_churn": 5.0, "steps": 20}}
+    assert apply_overrides(raw, ["sampler.kind=pc", "sampler.snr=0.2"]) == \
+        {"sampler": {"kind": "pc", "snr": 0.2}}  # heun's parameters would be unknown to pc
+    assert apply_overrides(raw, ["sampler.kind=heun", "sampler.steps=9"]) == \
+        {"sampler": {"kind": "heun", "s_churn": 5.0, "steps": 9}}  # the same kind keeps them
+    assert raw["sampler"]["s_churn"] == 5.0  # the input is not changed

@@ -156,6 +156,17 @@ def test_the_adaptive_solver_records_the_evaluations_it_made(tmp_path):
     assert f"{per_sample:.1f} evaluations per sample" in result.output
 
 
+def test_a_solver_giving_up_is_one_line_and_status_1(tmp_path):
+    out = tmp_path / "a.h5"
+    recipe = write(tmp_path, EXACT)
+    flow = ["-o", "sampler={kind: probability_flow, solver: adaptive, max_evaluations: 5}"]
+    result = cli("sample", "--recipe", recipe, "--out", out, "-n", "4", *flow)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    errors = result.stderr.strip().splitlines()
+    assert errors[-1].startswith("error: the solver needed more than 5 network evaluations")
+    assert sum(line.startswith("error:") for line in errors) == 1
+
+
 def test_progress_counts_the_evaluations_the_batches_report():
     from scoretk.generation.sample import _Progress
 

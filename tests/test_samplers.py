@@ -332,3 +332,22 @@ def test_every_param_is_described():
     for comp in registry_of(samplers).all():
         for name, field in comp.params.model_fields.items():
             assert field.description, f"{comp.name}.{name}"
+
+
+def test_the_adaptive_solver_carries_a_gaussian_exactly_and_only_through_noise_levels():
+    """For data N(mu, s^2 I) the flow is x(sigma) - mu = (x0 - mu) sqrt((s^2 + sigma^2) /
+    (s^2 + sigma0^2)). The solver steps past its end point and interpolates back: it must do
+    so in log sigma, never evaluating the net at sigma <= 0 (where it used to fail)."""
+    from scoretk.flow import flow_derivative, integrate_adaptive
+    from scoretk.score import ScoreFn
+
+    pytest.importorskip("torchdiffeq")
+    s, mu = 0.5, torch.tensor([1.0, -2.0], dtype=torch.float64)
+    net = GaussianScore(mu, s**2 * torch.eye(2, dtype=torch.float64))
+    x0 = mu + 40.0 * torch.randn(64, 2, generator=torch.Generator().manual_seed(0),
+                                 dtype=torch.float64)
+    score = ScoreFn(net, [40.0, 1e-3])
+    x1 = integrate_adaptive(flow_derivative(score), x0, 40.0, 1e-3, rtol=1e-7, atol=1e-7)
+    expected = mu + (x0 - mu) * math.sqrt((s**2 + 1e-6) / (s**2 + 40.0**2))
+    torch.testing.assert_close(x1, expected, rtol=1e-5, atol=1e-5)
+    assert min(net.sigmas_seen) > 0

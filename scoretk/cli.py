@@ -372,8 +372,10 @@ def evaluate(samples_path: str, as_json: bool, **kwargs: Any) -> None:
     import json
 
     from scoretk.evaluation import evaluate_file, format_report
+    from scoretk.execution.policy import ExecutionPolicy
 
-    result = evaluate_file(samples_path, _registry(), **kwargs)
+    policy = ExecutionPolicy.for_sampling(kwargs.pop("device")).setup_process()
+    result = evaluate_file(samples_path, _registry(), device=policy.device, **kwargs)
     for warning in result["warnings"]:
         click.echo(f"warning: {warning}", err=True)
     click.echo(json.dumps(result, indent=1) if as_json else format_report(result))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import h5py
+import torch
 from pydantic import ValidationError
 from torch import Tensor
 
@@ -131,7 +132,7 @@ def _warnings(space: dict[str, Any]) -> list[str]:
 def evaluate_file(samples_path: str, registry: Registry, *, against: str | None = None,
                   feature_names: Iterable[str] = (), feature_weights: str | None = None,
                   num_samples: int | None = None, num_reference: int = DEFAULT_NUM_REFERENCE,
-                  batch_size: int = 50, device: str = "auto", seed: int = 0,
+                  batch_size: int = 50, device: str | torch.device = "auto", seed: int = 0,
                   requirements: Iterable[str] = (), overrides: Iterable[str] = ()
                   ) -> dict[str, Any]:
     """`scoretk evaluate`: everything checkable is checked before any feature is computed."""
@@ -191,11 +192,12 @@ def _check_requirements(reqs: list[Requirement], names: list[str],
 
 
 def build_extractors(registry: Registry, names: list[str], weights: str | None,
-                     device: str = "auto") -> dict[str, FeatureExtractor]:
-    """One extractor per name; `weights` goes to those whose params take a weights file."""
+                     device: str | torch.device = "auto") -> dict[str, FeatureExtractor]:
+    """One extractor per name; `weights` goes to those whose params take a weights file.
+    `device`: the execution policy's, or a name to pick one by."""
     from scoretk.execution.distributed import Dist, pick_device
 
-    dev = pick_device(device, Dist())
+    dev = device if isinstance(device, torch.device) else pick_device(device, Dist())
     comps = {name: registry.get("features", name) for name in dict.fromkeys(names)}
     takers = [n for n, c in comps.items() if "weights" in c.params.model_fields]
     if weights is not None and not takers:

@@ -7,13 +7,12 @@ message and status 130/143, whatever they are doing when the signal comes.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import click
 
@@ -21,6 +20,7 @@ from scoretk import __version__
 from scoretk.files import HeldSignals, LockedError, Stopped
 
 USAGE_ERROR = 2
+STOPPED = 1
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES,
                       errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
 """Errors of the file system a user can fix (disk full, read-only, no permission): one line."""
@@ -43,13 +43,23 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
             FileExistsError, FileNotFoundError)
 
 
+def _stopping_errors() -> tuple[type[BaseException], ...]:
+    """Work that started and had to stop (a non-finite loss, an ODE solver giving up): what
+    was written so far stays and is resumable, so these exit with status 1, not 2."""
+    from scoretk.score import SolverError
+    from scoretk.training import TrainingError
+
+    return (TrainingError, SolverError)
+
+
 def _is_expected(exc: Exception) -> bool:
     return isinstance(exc, _expected_errors()) or (
         isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS and bool(exc.filename))
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the toolkit's expected errors into `error: <one line>` and exit status 2."""
+    """Turn the toolkit's expected errors into `error: <one line>` and exit status 2, and
+    stopped work (`_stopping_errors`) into the same line and status 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -58,12 +68,15 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except click.exceptions.Exit:
             raise
         except Exception as exc:
-            if _debug() or not _is_expected(exc):
+            stopped = isinstance(exc, _stopping_errors())
+            if _debug() or not (stopped or _is_expected(exc)):
                 raise
             text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and \
                 exc.filename and exc.strerror else exc
+            if stopped:  # a solver's message may carry torchdiffeq's detail on more lines
+                text = (str(exc).splitlines() or [""])[0]
             click.echo(f"error: {text}", err=True)
-            sys.exit(USAGE_ERROR)
+            sys.exit(STOPPED if stopped else USAGE_ERROR)
 
     return wrapper
 
@@ -147,17 +160,12 @@ def train(recipe_path: str, overrides: tuple[str, ...], restart: bool,
           run_dir: str | None) -> None:
     """Train the recipe; resumes its run directory's latest checkpoint unless --restart."""
     from scoretk.execution.policy import ExecutionPolicy
-    from scoretk.training import TrainingError, train as run_training
+    from scoretk.training import train as run_training
 
     recipe = _load(recipe_path, overrides)
     policy = ExecutionPolicy.for_training(recipe.train).setup_process()
     try:
         run_training(recipe, _registry(), run_dir=run_dir, restart=restart, policy=policy)
-    except TrainingError as exc:
-        if _debug():
-            raise
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
     finally:
         policy.dist.shutdown()
 
@@ -220,25 +228,9 @@ def sample(**options: Any) -> None:
     request.check()  # the --grid path too, before any work
     policy = ExecutionPolicy.for_sampling(request.device).setup_process()
     try:
-        with _solver_stops():
-            run_sampling(request, _registry(), policy)
+        run_sampling(request, _registry(), policy)
     finally:
         policy.dist.shutdown()
-
-
-@contextlib.contextmanager
-def _solver_stops() -> Iterator[None]:
-    """An ODE solver giving up is one line and status 1, as a training run's stop (the rows
-    written so far stay, and --resume continues them)."""
-    from scoretk.score import SolverError
-
-    try:
-        yield
-    except SolverError as exc:
-        if _debug():
-            raise
-        click.echo(f"error: {str(exc).splitlines()[0]}", err=True)
-        sys.exit(1)
 
 
 @main.command()
@@ -270,7 +262,7 @@ def likelihood(as_json: bool, run_dir: str | None, checkpoint: str | None,
     request = LikelihoodRequest(checkpoint=as_path(checkpoint), run_dir=as_path(run_dir),
                                 recipe=as_path(recipe), **options)
     request.check()
-    with _LikelihoodProgress() as bar, _solver_stops():
+    with _LikelihoodProgress() as bar:
         res = measure(request, _registry(), bar)
     click.echo(json.dumps(res, indent=1) if as_json else format_table(res))
 

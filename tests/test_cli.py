@@ -66,3 +66,16 @@ def test_plan_resolves_and_writes(tmp_path):
     assert abs(planned["sampler"]["eps"] - 2.4e-5) < 0.05e-5
     shown = CliRunner().invoke(main, ["recipe", "show", str(out)])
     assert "# noise levels: 21" in shown.output and "# network evaluations per sample: 106" in shown.output
+
+
+def test_a_training_run_that_stops_is_one_line_and_status_1(monkeypatch, write_recipe, toy_recipe):
+    import scoretk.training
+    from scoretk.training import TrainingError
+
+    def stops(*args, **kwargs):
+        raise TrainingError("non-finite loss or gradient at step 4; stopped")
+
+    monkeypatch.setattr(scoretk.training, "train", stops)
+    result = CliRunner().invoke(main, ["train", str(write_recipe(toy_recipe))])
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: non-finite loss or gradient at step 4; stopped"

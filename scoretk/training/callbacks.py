@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 import scoretk
 
 from scoretk.execution.policy import ExecutionPolicy
 from scoretk.recipe import Recipe
+from scoretk.generation.sample import init_rows
 from scoretk.rng import PerSampleNoise, derive_seed, global_rng_state
 from scoretk.training.builder import Trainer
 from scoretk.training.log import LogWindow, write_record
@@ -54,6 +56,29 @@ class Session:
                 "shape": list(self.item_shape), "rng": global_rng_state(),
                 "eval_best": self.best, "scoretk_version": scoretk.__version__,
                 "torch_version": str(torch.__version__)}
+
+    def draw(self, purpose: str, count: int, batch: int, data: Any = None,
+             bar: tqdm | None = None) -> Tensor:
+        """`count` samples with the averaged weights, in batches, from noise seeded by
+        (train.seed, purpose) alone: the same at every call, so only the weights differ.
+        `data` gives data-started samplers their starting items."""
+        t, device = self.trainer, self.policy.device
+        sampler, seed = t.model.sampler, derive_seed(self.recipe.train.seed, purpose)
+        net, out = self.policy.for_sampling_net(t.net), []
+        was_training = t.net.training
+        t.net.eval()
+        with torch.no_grad(), t.averager.averaged(t.net):
+            for start in range(0, count, batch):
+                rows = range(start, min(start + batch, count))
+                init = init_rows(data, seed, rows).to(device) if data is not None \
+                    and sampler.starts_from_data else None
+                out.append(sampler.sample(net, t.model.schedule, t.model.shape,
+                                          PerSampleNoise(seed, rows, device), device=device,
+                                          init=init).float().cpu())
+                if bar is not None:
+                    bar.update(len(rows))
+        t.net.train(was_training)
+        return torch.cat(out)
 
     def save(self, step: int) -> Path:
         """Write a numbered checkpoint (rank 0 only)."""
@@ -101,16 +126,10 @@ class PreviewGrid:
             return
         from scoretk.images import save_grid
 
-        t, cfg, device = self.s.trainer, self.s.recipe.train, self.s.policy.device
-        was_training = t.net.training
-        t.net.eval()
-        with t.averager.averaged(t.net):
-            noise = PerSampleNoise(derive_seed(cfg.seed, "grid"), range(cfg.grid_size), device)
-            x = t.model.sampler.sample(self.s.policy.for_sampling_net(t.net), t.model.schedule,
-                                       t.model.shape, noise, device=device)
-        t.net.train(was_training)
+        size = self.s.recipe.train.grid_size
+        x = self.s.draw("grid", size, size)
         run = self.s.run.dir
-        save_grid(x.float().cpu(), run.claim(run.samples / f"step-{info.step:08d}.png"))
+        save_grid(x, run.claim(run.samples / f"step-{info.step:08d}.png"))
 
 
 class SaveCheckpoint:

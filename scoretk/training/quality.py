@@ -13,7 +13,6 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 from tqdm import tqdm
 
@@ -21,11 +20,9 @@ from scoretk.components import Dataset, FeatureExtractor
 from scoretk.evaluation.evaluate import RealFeatures, figures, real_features
 from scoretk.evaluation.features import cached_extract, extract
 from scoretk.evaluation.sources import real_sources, tensor_source
-from scoretk.generation.sample import init_rows
 from scoretk.execution.policy import ExecutionPolicy
 from scoretk.recipe import Recipe, TrainConfig
 from scoretk.registry import Registry
-from scoretk.rng import PerSampleNoise, derive_seed
 
 LOWER_IS_BETTER = {"fid", "kid_mean"}
 MIN_REFERENCE = 10_000
@@ -100,26 +97,11 @@ class EvaluateSamples:
         return self.real
 
     def _draw(self) -> Tensor:
-        """eval_samples with the averaged weights, from the same noise every time."""
-        s, cfg = self.s, self.s.recipe.train
-        t, device, batch = s.trainer, s.policy.device, s.recipe.sample.batch_size
-        sampler, seed = t.model.sampler, derive_seed(cfg.seed, "eval")
-        net, out = s.policy.for_sampling_net(t.net), []
-        was_training = t.net.training
-        t.net.eval()
-        with torch.no_grad(), t.averager.averaged(t.net), \
-                tqdm(total=cfg.eval_samples, desc="eval samples", leave=False,
-                     file=sys.stderr, dynamic_ncols=True) as bar:
-            for start in range(0, cfg.eval_samples, batch):
-                rows = range(start, min(start + batch, cfg.eval_samples))
-                init = init_rows(self.setup.data, seed, rows).to(device) \
-                    if sampler.starts_from_data else None
-                out.append(sampler.sample(net, t.model.schedule, t.model.shape,
-                                          PerSampleNoise(seed, rows, device), device=device,
-                                          init=init).float().cpu())
-                bar.update(len(rows))
-        t.net.train(was_training)
-        return torch.cat(out)
+        cfg = self.s.recipe.train
+        with tqdm(total=cfg.eval_samples, desc="eval samples", leave=False, file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            return self.s.draw("eval", cfg.eval_samples, self.s.recipe.sample.batch_size,
+                               self.setup.data, bar)
 
     def _record(self, step: int, found: dict[str, Any]) -> None:
         """metrics.jsonl and TensorBoard; best.pt when the chosen figure improved."""

@@ -312,11 +312,15 @@ class RunDir:
             self.prune(keep)
         return path
 
-    def save_named(self, state: dict[str, Any], name: str) -> Path:
-        """checkpoints/<name>.pt (e.g. `best`), which pruning leaves alone."""
+    def kept(self, name: str) -> Path:
+        """checkpoints/<name>.pt: a checkpoint kept by name (e.g. `best`), never pruned."""
         if CHECKPOINT_NAME.fullmatch(f"{name}.pt") or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
             raise ValueError(f"{name!r} cannot name a kept checkpoint")
-        path = self.checkpoints / f"{name}.pt"
+        return self.checkpoints / f"{name}.pt"
+
+    def save_named(self, state: dict[str, Any], name: str) -> Path:
+        """Write the kept checkpoint `name` (see `kept`), which pruning leaves alone."""
+        path = self.kept(name)
         with deferred_signals():
             save_checkpoint(state, self.claim(path))
         return path
@@ -347,6 +351,10 @@ def _record_step(line: str) -> int:
     except (ValueError, AttributeError):
         return -1
     return step if isinstance(step, int) else -1
+
+
+BEST = "best"
+"""The kept checkpoint `train.eval_every` writes and `scoretk sample --best` reads."""
 
 
 def checkpoint_step(path: str | Path) -> int:

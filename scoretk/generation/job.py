@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from scoretk import assemble
-from scoretk.checkpoint import (CheckpointError, RunDir, load_checkpoint, most_recent_run,
+from scoretk.checkpoint import (BEST, CheckpointError, RunDir, load_checkpoint, most_recent_run,
                                 sha256_file)
 from scoretk.components import Averager
 from scoretk.execution.policy import ExecutionPolicy
@@ -73,7 +73,7 @@ def find_checkpoint(request: ModelChoice, recorded: str | None = None) -> Path:
         if not run.path.is_dir():
             raise CheckpointError(f"{run.path}: run directory not found")
         if request.best:
-            best = run.checkpoints / "best.pt"
+            best = run.kept(BEST)
             if not best.is_file():
                 raise CheckpointError(f"{run.path}: no {best.name} in {run.checkpoints} "
                                       "(training keeps it when train.eval_every is set)")

@@ -16,6 +16,7 @@ from typing import Any
 from torch import Tensor
 from tqdm import tqdm
 
+from scoretk.checkpoint import BEST
 from scoretk.components import Dataset, FeatureExtractor
 from scoretk.evaluation.evaluate import RealFeatures, figures, real_features
 from scoretk.evaluation.features import cached_extract, extract
@@ -27,7 +28,6 @@ from scoretk.registry import Registry
 LOWER_IS_BETTER = {"fid", "kid_mean"}
 MIN_REFERENCE = 10_000
 """Reference items at least (fewer when the data has fewer): FID is biased at small N."""
-BEST = "best"
 
 
 def features_for(cfg: TrainConfig, item_shape: tuple[int, ...]) -> str:

@@ -103,3 +103,20 @@ def assert_one_line_error(result, *needles: str) -> None:
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
     for needle in needles:
         assert needle in errors[0], errors[0]
+
+
+def interrupt_sampling_at(monkeypatch, batch: int):
+    """Make `scoretk sample` in this process stop with Ctrl-C as its `batch`-th batch (1 the
+    first) starts; returns a function that puts the real batch back."""
+    import scoretk.generation.sample as sampling
+
+    real, calls = sampling._sample_batch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == batch:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "_sample_batch", interrupted)
+    return lambda: monkeypatch.setattr(sampling, "_sample_batch", real)

@@ -28,7 +28,7 @@ from scoretk.cli import main
 from scoretk.plugins import default_registry
 from scoretk.recipe import Recipe
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, interrupt_sampling_at, run_cli
 
 TOY = {"name": "toy", "data": {"kind": "toy2d", "n": 500},
        "schedule": {"kind": "geometric", "sigma_max": 5.0, "sigma_min": 0.1, "num_levels": 3},
@@ -131,21 +131,11 @@ def test_batch_split_across_threads_does_not_change_the_samples(ckpts, tmp_path)
 def test_interrupted_then_resumed_equals_uninterrupted(ckpts, tmp_path, monkeypatch):
     ref, out = tmp_path / "ref.h5", tmp_path / "out.h5"
     sample(ckpts["img"], ref, "-n", "40", "--batch-size", "8")
-    import scoretk.generation.sample as sampling
-
-    real, calls = sampling._sample_batch, []
-
-    def interrupt_third(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(sampling, "_sample_batch", interrupt_third)
+    restore = interrupt_sampling_at(monkeypatch, 3)
     result = cli("sample", "--checkpoint", ckpts["img"], "--out", out, "-n", "40",
                  "--batch-size", "8", "--device", "cpu")
     assert result.exit_code != 0
-    monkeypatch.setattr(sampling, "_sample_batch", real)
+    restore()
     a = attrs(out)
     assert a["num_written"] == 16 and not a["complete"]
     with h5py.File(out, "a") as f:  # and a batch that died after the resize, before num_written

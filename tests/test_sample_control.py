@@ -19,7 +19,7 @@ from PIL import Image
 
 from scoretk.cli import main
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, interrupt_sampling_at
 from test_sample_cli import IMG, TOY, attrs, make_checkpoint, rows
 
 pytestmark = pytest.mark.usefixtures("one_thread", "with_plugin_site")
@@ -81,19 +81,9 @@ def test_a_net_without_parameters_samples_from_its_recipe(tmp_path):
 def test_a_recipe_file_resumes_and_equals_the_uninterrupted_one(tmp_path, monkeypatch):
     recipe, ref, out = write(tmp_path, EXACT), tmp_path / "ref.h5", tmp_path / "out.h5"
     ok("sample", "--recipe", recipe, "--out", ref)
-    import scoretk.generation.sample as sampling
-
-    real, calls = sampling._sample_batch, []
-
-    def interrupt_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(sampling, "_sample_batch", interrupt_second)
+    restore = interrupt_sampling_at(monkeypatch, 2)
     assert cli("sample", "--recipe", recipe, "--out", out).exit_code != 0
-    monkeypatch.setattr(sampling, "_sample_batch", real)
+    restore()
     assert attrs(out)["num_written"] == 8
     assert "16 new" in ok("sample", "--out", out, "--resume", "--batch-size", "5").output
     np.testing.assert_array_equal(rows(out), rows(ref))
